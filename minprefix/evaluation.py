@@ -1,0 +1,120 @@
+"""Does the text carry the sentiment asked for? Continuations of held-out texts, scored by our BLEU/ROUGE,
+judged by VADER (a lexicon judge nobody here trained), plus fluency, diversity and an alpha sweep."""
+import math
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+
+from minprefix.generate import generate
+from minprefix.metrics import corpus_bleu, rouge_l, rouge_n
+from minprefix.prefix import label_weights
+
+NEUTRAL_PROMPTS = ["The summer school", "The lectures", "The food", "Our mentor", "The labs", "The city",
+                   "The housing", "The organisers", "The poster session", "The last day"]
+
+
+class Judge:
+    """VADER's compound score in [-1, 1]; its documented thresholds: >= 0.05 positive, <= -0.05 negative."""
+
+    def __init__(self):
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+        self.vader = SentimentIntensityAnalyzer()
+
+    def score(self, text):
+        return self.vader.polarity_scores(text)["compound"]
+
+    def label(self, text):
+        s = self.score(text)
+        return "positive" if s >= 0.05 else "negative" if s <= -0.05 else "neutral"
+
+
+def split_prompt(text, n_words):
+    """-> (the first n_words words, the rest): the prompt, and the reference its continuation is scored against."""
+    words = text.split()
+    return " ".join(words[:n_words]), " ".join(words[n_words:])
+
+
+def continue_prompts(model, tok, prompts, weights, prefix, max_new_tokens, seed, **sampling):
+    """One continuation per (prompt, weights row); prompts of equal token length are decoded together.
+    weights: (N, n_labels) mixing weights per prompt, or None for the base model without a prefix."""
+    device = next(model.parameters()).device
+    encoded = [[tok.eot] + tok.encode(p) for p in prompts]
+    groups = defaultdict(list)
+    for i, ids in enumerate(encoded):
+        groups[len(ids)].append(i)
+    outs = [None] * len(prompts)
+    for length in sorted(groups):
+        rows = groups[length]
+        idx = torch.tensor([encoded[i] for i in rows], device=device)
+        cache = None if prefix is None else prefix.cache(model, weights[rows].to(device))
+        for i, new in zip(rows, generate(model, idx, max_new_tokens, kv_cache=cache, seed=seed + length, **sampling)):
+            outs[i] = tok.decode(new)
+    return outs
+
+
+@torch.no_grad()
+def perplexity(model, tok, prompts, continuations):
+    """exp(mean NLL) of the continuation tokens under the frozen base model with no prefix, given the prompt."""
+    device = next(model.parameters()).device
+    nll, count = 0.0, 0
+    for prompt, cont in zip(prompts, continuations):
+        head, new = [tok.eot] + tok.encode(prompt), tok.encode(cont)
+        if not new:
+            continue
+        ids = torch.tensor([head + new], device=device)
+        logits = model(ids[:, :-1])[0, len(head) - 1:]  # the predictions of the continuation tokens
+        nll += F.cross_entropy(logits, ids[0, len(head):], reduction="sum").item()
+        count += len(new)
+    return math.exp(nll / count) if count else float("nan")
+
+
+def distinct(texts, n):
+    """Distinct-n (Li et al., 2016): unique n-grams / all n-grams, over every generation together."""
+    grams = [tuple(w[i:i + n]) for w in (t.split() for t in texts) for i in range(len(w) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def evaluate_prefix(model, tok, judge, examples, labels, prefix, n_words=3, n_samples=1, max_new_tokens=40,
+                    seed=0, sweep_samples=8, alphas=(0.0, 0.25, 0.5, 0.75, 1.0), **sampling):
+    """One row of the table. prefix None: the base model, whose 'intended' label is the held-out text's own."""
+    prompts, refs, want = [], [], []
+    for e in examples:
+        prompt, rest = split_prompt(e.text, n_words)
+        for _ in range(n_samples):
+            prompts.append(prompt)
+            refs.append(rest)
+            want.append(labels.index(e.label))
+    want = torch.tensor(want)
+    flipped = (want + 1) % len(labels)  # with two labels: the other one
+    onehot = lambda y: F.one_hot(y, len(labels)).float()
+    outs = continue_prompts(model, tok, prompts, onehot(want), prefix, max_new_tokens, seed, **sampling)
+    outs_flipped = (outs if prefix is None else
+                    continue_prompts(model, tok, prompts, onehot(flipped), prefix, max_new_tokens, seed, **sampling))
+    row = {
+        "bleu": corpus_bleu(outs, [[r] for r in refs]),
+        "rouge1": mean(rouge_n(o, r, 1).fmeasure for o, r in zip(outs, refs)),
+        "rouge2": mean(rouge_n(o, r, 2).fmeasure for o, r in zip(outs, refs)),
+        "rougeL": mean(rouge_l(o, r).fmeasure for o, r in zip(outs, refs)),
+        "acc_intended": mean(judge.label(o) == labels[y] for o, y in zip(outs, want.tolist())),
+        "acc_flipped": mean(judge.label(o) == labels[y] for o, y in zip(outs_flipped, flipped.tolist())),
+        "perplexity": perplexity(model, tok, prompts, outs),
+        "distinct1": distinct(outs, 1),
+        "distinct2": distinct(outs, 2),
+        "n_generations": len(outs),
+    }
+    if prefix is not None and len(labels) == 2:
+        sweep = {}
+        for a in alphas:
+            p = [q for q in NEUTRAL_PROMPTS for _ in range(sweep_samples)]
+            w = label_weights(2, alpha=a).repeat(len(p), 1)
+            sweep[a] = mean(judge.score(o) for o in continue_prompts(model, tok, p, w, prefix, max_new_tokens, seed, **sampling))
+        row["alpha_sweep"] = sweep
+    row["samples"] = [{"prompt": p, "intended": labels[y], "text": o, "flipped": f}
+                      for p, y, o, f in list(zip(prompts, want.tolist(), outs, outs_flipped))[:6]]
+    return row
+
+
+def mean(xs):
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else float("nan")

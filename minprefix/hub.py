@@ -1,0 +1,76 @@
+"""Finding GPT-2 checkpoints (hub cache, hub download, local folder) and reading them into GPT-2's bare names."""
+import json
+import os
+from pathlib import Path
+
+import torch
+from huggingface_hub import constants, hf_hub_download
+from huggingface_hub.errors import LocalEntryNotFoundError
+from safetensors import safe_open
+
+HUB_REPOS = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
+
+
+def read_checkpoint(name_or_path, cache_dir=None):
+    """-> (config dict, {bare name: tensor as stored}, a description of where it came from)."""
+    folder = Path(os.path.expanduser(str(name_or_path)))
+    if folder.is_dir():
+        return _read_folder(folder)
+    name = str(name_or_path)
+    repo = HUB_REPOS.get(name) or (name if name in HUB_REPOS.values() else None)
+    if repo is None:
+        if os.sep in name or name.startswith((".", "~")):
+            raise FileNotFoundError(f"no folder at {name}: pass a folder holding config.json and model.safetensors")
+        raise ValueError(f"unknown model name {name!r}: the known names are {', '.join(HUB_REPOS)} "
+                         f"(or pass a local folder holding config.json and model.safetensors)")
+    config_file, weights_file = (_hub_file(repo, f, cache_dir) for f in ("config.json", "model.safetensors"))
+    return json.loads(Path(config_file).read_text()), _read_safetensors([weights_file]), f"{repo} ({weights_file})"
+
+
+def _hub_file(repo, filename, cache_dir):
+    try:  # the cache first: official GPT-2 files never change, and this works offline
+        return hf_hub_download(repo, filename, cache_dir=cache_dir, local_files_only=True)
+    except LocalEntryNotFoundError:
+        pass
+    try:
+        return hf_hub_download(repo, filename, cache_dir=cache_dir)
+    except Exception as e:  # offline mode, no network, hub down: all end the same way for the user
+        cache = cache_dir or constants.HF_HUB_CACHE
+        raise OSError(
+            f"cannot load {repo}: the Hugging Face hub is unreachable from here ({type(e).__name__}) and "
+            f"{filename} is not in the local hub cache at {cache}. Either run once on a machine with internet "
+            f"(the files land in that cache; HF_HUB_CACHE moves it), or pass a local folder holding config.json "
+            f"and model.safetensors instead of the name (e.g. --model /path/to/gpt2).") from e
+
+
+def _read_folder(folder):
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{folder} has no config.json")
+    if (folder / "model.safetensors").is_file():
+        files = [folder / "model.safetensors"]
+    elif (folder / "model.safetensors.index.json").is_file():  # sharded: {"weight_map": {tensor: shard file}}
+        weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+        files = [folder / f for f in sorted(set(weight_map.values()))]
+    else:
+        raise FileNotFoundError(f"{folder} has neither model.safetensors nor model.safetensors.index.json")
+    return json.loads(config_file.read_text()), _read_safetensors(files), str(folder)
+
+
+def _read_safetensors(files):
+    """Both layouts found in the wild -> bare GPT2Model names: the hub's file (`h.0.attn.c_attn.weight`) and
+    save_pretrained's (`transformer.h.0.attn.c_attn.weight`, maybe with `lm_head.weight`)."""
+    tensors, lm_head = {}, None
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for key in st.keys():
+                name = key.removeprefix("transformer.")
+                if name.endswith((".attn.bias", ".attn.masked_bias")):  # causal-mask buffers, not weights
+                    continue
+                if name == "lm_head.weight":
+                    lm_head = st.get_tensor(key)
+                    continue
+                tensors[name] = st.get_tensor(key)
+    if lm_head is not None and "wte.weight" in tensors and not torch.equal(lm_head, tensors["wte.weight"]):
+        raise ValueError(f"{files[0]}: lm_head.weight differs from wte.weight; GPT-2 ties them and so does this model")
+    return tensors

@@ -1,0 +1,176 @@
+"""The learned prefixes, one per label, and how they are mixed, saved and loaded.
+
+The whole path of a K/V prefix (Li & Liang 2021, section 4):
+  parameter  (n_labels*P, C) embedding, or the (n_labels, P, L*2*C) table itself
+  -> MLP     Linear(C, 512) -> Tanh -> Linear(512, L*2*C), training only; the product is what gets saved
+  -> mix     mixed = sum_i w_i * prefix_i, e.g. alpha * positive + (1 - alpha) * negative
+  -> cache   (B, P, L*2*C) -> L pairs of keys and values (B, H, P, D): a KVCache of P positions
+  -> attention in every layer: the text's queries attend to those P positions before its own (gpt2.py)
+"""
+import json
+import os
+import tempfile
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from minprefix.gpt2 import GPTConfig, KVCache
+
+FORMAT = "minprefix-prefix-v1"
+
+
+def check_prefix_len(prefix_len, config):
+    if not 1 <= prefix_len < config.n_positions - 1:  # room left for at least <|endoftext|> and one token
+        raise ValueError(f"prefix_len must be between 1 and {config.n_positions - 2} for a context of "
+                         f"{config.n_positions} positions, got {prefix_len}")
+
+
+class PrefixMLP(nn.Module):
+    """The paper's reparametrization of one label's prefix (section 4.3: optimizing the table directly is
+    unstable): Embedding(P, C) -> Linear(C, 512) -> Tanh -> Linear(512, L*2*C)."""
+
+    def __init__(self, prefix_len, n_embd, width, hidden=512):
+        super().__init__()
+        self.wte = nn.Embedding(prefix_len, n_embd)
+        self.c_fc = nn.Linear(n_embd, hidden)
+        self.c_proj = nn.Linear(hidden, width)
+
+    def forward(self):  # -> (P, L*2*C)
+        return self.c_proj(torch.tanh(self.c_fc(self.wte.weight)))
+
+
+class KVPrefix(nn.Module):
+    """Full prefix-tuning: per label, P positions of keys and values for every layer, (P, L, 2*H*D)."""
+
+    def __init__(self, config, n_labels, prefix_len, mlp=False, mlp_hidden=512):
+        super().__init__()
+        check_prefix_len(prefix_len, config)
+        self.config, self.n_labels, self.prefix_len = config, n_labels, prefix_len
+        width = config.n_layer * 2 * config.n_embd  # per layer: keys of all heads, then values (PEFT's layout)
+        if mlp:  # one MLP per label: each label's prefix is its own prefix-tuning, trained side by side
+            self.mlp = nn.ModuleList(PrefixMLP(prefix_len, config.n_embd, width, mlp_hidden) for _ in range(n_labels))
+        else:
+            self.mlp = None
+            self.table_ = nn.Parameter(torch.zeros(n_labels, prefix_len, width))
+
+    def table(self):  # -> (n_labels, P, L*2*C)
+        if self.mlp is None:
+            return self.table_
+        return torch.stack([mlp() for mlp in self.mlp])
+
+    def cache(self, model, weights):  # weights (B, n_labels) -> KVCache of P positions, (B, H, P, D) per layer
+        c = self.config
+        kv = torch.einsum("bn,npw->bpw", weights, self.table())  # the mix: (B, P, L*2*C)
+        B, P = kv.shape[:2]
+        kv = kv.view(B, P, 2 * c.n_layer, c.n_head, c.n_embd // c.n_head).permute(2, 0, 3, 1, 4)  # (L*2, B, H, P, D)
+        return KVCache([(kv[2 * i], kv[2 * i + 1]) for i in range(c.n_layer)])
+
+    @torch.no_grad()
+    def init_from_tokens(self, model, tokens):  # tokens (n_labels, P): start from real words' keys and values
+        cache = KVCache()
+        model.hidden(model.wte(tokens), cache)  # (n_labels, H, P, D) per layer
+        kv = torch.stack([t for k, v in cache.layers for t in (k, v)])  # (L*2, n_labels, H, P, D)
+        self.table_.copy_(kv.permute(1, 3, 0, 2, 4).reshape_as(self.table_))  # the inverse of cache()'s view
+
+
+class EmbeddingPrefix(nn.Module):
+    """The simpler baseline (a soft prompt): P trainable vectors per label before the token embeddings.
+    Only the input changes; every layer's keys and values of those P positions come from the frozen model."""
+
+    def __init__(self, config, n_labels, prefix_len):
+        super().__init__()
+        check_prefix_len(prefix_len, config)
+        self.config, self.n_labels, self.prefix_len, self.mlp = config, n_labels, prefix_len, None
+        self.table_ = nn.Parameter(torch.zeros(n_labels, prefix_len, config.n_embd))
+
+    def table(self):  # -> (n_labels, P, C)
+        return self.table_
+
+    def cache(self, model, weights):  # weights (B, n_labels) -> KVCache of P positions
+        vectors = torch.einsum("bn,npc->bpc", weights, self.table_)  # the mix: (B, P, C)
+        cache = KVCache()
+        model.hidden(vectors, cache)  # running the P vectors through the model leaves their keys and values
+        return cache
+
+    @torch.no_grad()
+    def init_from_tokens(self, model, tokens):  # tokens (n_labels, P): start from real words' embeddings
+        self.table_.copy_(model.wte(tokens))
+
+
+def make_prefix(mode, config, n_labels, prefix_len, mlp=False):
+    if mode == "kv":
+        return KVPrefix(config, n_labels, prefix_len, mlp=mlp)
+    if mode == "embedding":
+        if mlp:
+            raise ValueError("--mlp reparametrizes the K/V prefix; use it with --mode kv")
+        return EmbeddingPrefix(config, n_labels, prefix_len)
+    raise ValueError(f"unknown prefix mode {mode!r}: use 'kv' or 'embedding'")
+
+
+def label_weights(n_labels, label=None, alpha=None, weights=None):
+    """One mixing weight per label -> (1, n_labels). label: a pure prefix; alpha: alpha*label0 + (1-alpha)*label1."""
+    if weights is not None:
+        if len(weights) != n_labels:
+            raise ValueError(f"{len(weights)} weights given for {n_labels} labels")
+        return torch.tensor([weights], dtype=torch.float32)
+    if alpha is not None:
+        if n_labels != 2:
+            raise ValueError(f"alpha mixes two labels, this prefix has {n_labels}: give one weight per label")
+        return torch.tensor([[alpha, 1.0 - alpha]])
+    return nn.functional.one_hot(torch.tensor([label]), n_labels).float()
+
+
+# ---- checkpoints: the final prefix (after the MLP) and what it was trained for ----
+
+def save_prefix(path, prefix, model, labels, info=None):
+    """Write atomically: a crash mid-write leaves the previous checkpoint, never half of one."""
+    c = prefix.config
+    table = prefix.table().detach().float().cpu()
+    if isinstance(prefix, KVPrefix):
+        table = table.view(prefix.n_labels, prefix.prefix_len, c.n_layer, 2 * c.n_embd)  # (n_labels, P, L, 2*H*D)
+    meta = {"format": FORMAT, "mode": "kv" if isinstance(prefix, KVPrefix) else "embedding",
+            "prefix_len": str(prefix.prefix_len), "labels": json.dumps(list(labels)),
+            "base_model": str(model.name_or_path), "base_config": json.dumps(vars(c)),
+            "trained_with_mlp": json.dumps(prefix.mlp is not None), "info": json.dumps(info or {})}
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({"prefix": table.contiguous()}, tmp, metadata=meta)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a checkpoint is an ordinary file
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return table.numel()
+
+
+def load_prefix(path, model=None):
+    """-> (prefix module holding the saved table, metadata). With model: refuse a prefix made for another base."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta, table = f.metadata() or {}, f.get_tensor("prefix")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no prefix checkpoint at {path}: train one with train.py (--out) or pass --prefix")
+    except (SafetensorError, KeyError, OSError) as e:
+        raise ValueError(f"{path}: not a readable prefix checkpoint (corrupt or truncated?): {e}") from e
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a minprefix prefix checkpoint (metadata format={meta.get('format')!r})")
+    config = GPTConfig(**json.loads(meta["base_config"]))
+    if model is not None and vars(model.config) != vars(config):
+        raise ValueError(f"{path} was trained for base model {meta['base_model']} ({vars(config)}), "
+                         f"but the model loaded is {model.name_or_path} ({vars(model.config)})")
+    labels = json.loads(meta["labels"])
+    prefix = make_prefix(meta["mode"], config, len(labels), int(meta["prefix_len"]))
+    want = (len(labels), prefix.prefix_len) + ((config.n_layer, 2 * config.n_embd) if meta["mode"] == "kv" else (config.n_embd,))
+    if tuple(table.shape) != want:
+        raise ValueError(f"{path}: tensor prefix has shape {tuple(table.shape)}, its metadata says {want}")
+    with torch.no_grad():
+        prefix.table_.copy_(table.view_as(prefix.table_))
+    meta = dict(meta, labels=labels, prefix_len=prefix.prefix_len, info=json.loads(meta.get("info", "{}")))
+    return prefix.requires_grad_(False), meta

@@ -1,0 +1,21 @@
+"""GPT-2's byte-level BPE, through tiktoken."""
+import tiktoken
+
+EOT = 50256  # <|endoftext|>: GPT-2's document separator; we use it as the start and the end of every text
+
+
+class Tokenizer:
+
+    def __init__(self):
+        try:
+            self.enc = tiktoken.get_encoding("gpt2")
+        except Exception as e:  # tiktoken downloads the BPE files once, then reads its cache
+            raise OSError("tiktoken could not load the gpt2 encoding (no network and no cache?): set "
+                          "TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cached gpt2 files") from e
+        self.eot = EOT
+
+    def encode(self, text):  # str -> list[int]; "<|endoftext|>" inside a text is plain text, not the token
+        return self.enc.encode_ordinary(text)
+
+    def decode(self, ids):  # list[int] -> str
+        return self.enc.decode(list(ids))

@@ -1,0 +1,75 @@
+"""The data files: the shipped splits, and bad input, each a clear error that names file and line."""
+import json
+
+import pytest
+import torch
+
+from conftest import REPO
+from minprefix import Tokenizer
+from minprefix.data import batches, encode, label_names, read_jsonl
+
+
+def write(tmp_path, lines):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def row(text="The labs were great.", sentiment="positive"):
+    return json.dumps({"text": text, "sentiment": sentiment})
+
+
+def test_shipped_splits():
+    train, test = read_jsonl(REPO / "data/train.jsonl"), read_jsonl(REPO / "data/test.jsonl")
+    assert len(train) >= 200 and len(test) >= 40
+    assert label_names(train) == ["positive", "negative"]  # positive -> 0, negative -> 1
+    for split in (train, test):
+        counts = [sum(e.label == l for e in split) for l in ("positive", "negative")]
+        assert counts[0] == counts[1]
+    assert not {e.text for e in train} & {e.text for e in test}  # training never sees the held-out texts
+
+
+def test_bad_json_names_file_and_line(tmp_path):
+    path = write(tmp_path, [row(), row(), '{"text": "oops", "sentiment": '])
+    with pytest.raises(ValueError, match=r"d\.jsonl:3: not valid JSON"):
+        read_jsonl(path)
+
+
+def test_missing_field(tmp_path):
+    path = write(tmp_path, [row(), json.dumps({"text": "no label here"})])
+    with pytest.raises(ValueError, match=r"d\.jsonl:2: missing field 'sentiment'"):
+        read_jsonl(path)
+
+
+def test_unknown_label(tmp_path):
+    path = write(tmp_path, [row(), row(sentiment="neutral")])
+    with pytest.raises(ValueError, match=r"d\.jsonl:2: unknown sentiment 'neutral'; known: positive, negative"):
+        read_jsonl(path, labels=["positive", "negative"])
+
+
+def test_empty_text(tmp_path):
+    path = write(tmp_path, [row(), row(text="   ")])
+    with pytest.raises(ValueError, match=r"d\.jsonl:2: empty text"):
+        read_jsonl(path)
+
+
+def test_any_labels_in_order(tmp_path):
+    path = write(tmp_path, [row(sentiment="neutral"), row(sentiment="negative"), row(sentiment="positive")])
+    assert label_names(read_jsonl(path)) == ["positive", "negative", "neutral"]
+
+
+def test_too_long_text_is_truncated_with_a_warning(tmp_path):
+    tok = Tokenizer()
+    path = write(tmp_path, [row(), row(text="word " * 300)])
+    examples = read_jsonl(path)
+    with pytest.warns(UserWarning, match=r"d\.jsonl:2: text of 300 tokens truncated to 99"):
+        items = encode(examples, tok, ["positive", "negative"], max_tokens=100)
+    assert len(items[1][0]) == 100 and items[0][0][-1] == tok.eot
+
+
+def test_batches_pad_right_and_mask_targets():
+    items = [([50256, 1, 2, 3, 50256], 0), ([50256, 7, 50256], 1)]
+    (idx, targets, labels), = batches(items, 2)
+    assert idx.tolist() == [[50256, 1, 2, 3], [50256, 7, 50256, 50256]]
+    assert targets.tolist() == [[1, 2, 3, 50256], [7, 50256, -100, -100]]
+    assert labels.tolist() == [0, 1]

@@ -1,0 +1,171 @@
+"""The prefix: parity with PEFT's prefix-tuning, gradients, mixing, positions, checkpoints."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minprefix import GPT2, KVCache, Tokenizer
+from minprefix.prefix import EmbeddingPrefix, KVPrefix, label_weights, load_prefix, make_prefix, save_prefix
+from minprefix.trainer import build_prefix, prefix_loss
+
+TOL = 1e-4
+
+
+def random_kv_prefix(model, n_labels=2, P=7, mlp=False, seed=0):
+    torch.manual_seed(seed)
+    prefix = KVPrefix(model.config, n_labels, P, mlp=mlp)
+    if not mlp:  # keys and values of real tokens, plus noise: a realistic but arbitrary prefix
+        prefix.init_from_tokens(model, torch.randint(0, 50257, (n_labels, P)))
+        with torch.no_grad():
+            prefix.table_.add_(0.3 * torch.randn_like(prefix.table_))
+    return prefix
+
+
+@pytest.mark.parametrize("mlp", [False, True])
+def test_kv_injection_matches_peft(offline_model_dir, offline_model, mlp):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(offline_model_dir, dtype=torch.float32).eval()
+    P, label = 7, 1
+    prefix = random_kv_prefix(offline_model, P=P, mlp=mlp)
+    config = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P, prefix_projection=mlp,
+                                     encoder_hidden_size=512)
+    pm = peft.get_peft_model(hf, config).eval()
+    enc = pm.prompt_encoder["default"]
+    with torch.no_grad():  # the same prefix in PEFT's PrefixEncoder: the table, or the label's MLP
+        if mlp:
+            ours = prefix.mlp[label]
+            enc.embedding.weight.copy_(ours.wte.weight)
+            for theirs, mine in ((enc.transform[0], ours.c_fc), (enc.transform[2], ours.c_proj)):
+                theirs.weight.copy_(mine.weight)
+                theirs.bias.copy_(mine.bias)
+        else:
+            enc.embedding.weight.copy_(prefix.table_[label])
+    tok = Tokenizer()
+    idx = torch.tensor([[tok.eot] + tok.encode("The mentors were patient and the labs were well prepared.")] * 2)
+    with torch.no_grad():
+        theirs = pm(input_ids=idx, attention_mask=torch.ones_like(idx)).logits
+        ours = offline_model(idx, prefix.cache(offline_model, label_weights(2, label=label).repeat(2, 1)))
+        plain = offline_model(idx)
+    d = (ours - theirs).abs().max().item()
+    print(f"max |dlogit| vs PEFT ({'MLP' if mlp else 'table'}): {d:.2e}")
+    assert d <= TOL
+    assert (ours - plain).abs().max().item() > 0.1  # and the prefix does change the logits
+
+
+@pytest.mark.parametrize("mode", ["kv", "embedding"])
+def test_prefix_of_real_tokens_equals_prepending_them(offline_model, mode):
+    """Positions: a prefix sits at 0..P-1 and the text at P.. onward. A prefix made of real tokens' keys and
+    values (or embeddings) must then give exactly the logits of the text with those tokens in front of it."""
+    tok = Tokenizer()
+    words = torch.tensor([tok.encode(" The summer school was")[:4], tok.encode(" I will not go back")[:4]])
+    prefix = make_prefix(mode, offline_model.config, 2, 4)
+    prefix.init_from_tokens(offline_model, words)
+    idx = torch.tensor([tok.encode(" and the food was fine")] * 2)
+    with torch.no_grad():
+        ours = offline_model(idx, prefix.cache(offline_model, torch.eye(2)))
+        full = offline_model(torch.cat([words, idx], dim=1))[:, 4:]
+    assert (ours - full).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("mode,mlp", [("kv", False), ("kv", True), ("embedding", False)])
+def test_only_the_prefix_learns(offline_model, mode, mlp):
+    model = offline_model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    prefix = build_prefix(mode, model, ["positive", "negative"], 5, mlp, Tokenizer())
+    start = {k: v.clone() for k, v in prefix.state_dict().items()}
+    opt = torch.optim.AdamW(prefix.parameters(), lr=1e-3)
+    model.requires_grad_(False)
+    idx, targets = torch.randint(0, 50257, (2, 12)), torch.randint(0, 50257, (2, 12))
+    loss = prefix_loss(model, prefix, idx, targets, torch.tensor([0, 1]))
+    loss.backward()
+    assert all(p.grad is None for p in model.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in prefix.parameters())
+    opt.step()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # bitwise unchanged
+    assert any(not torch.equal(v, start[k]) for k, v in prefix.state_dict().items())
+
+
+@pytest.mark.parametrize("mode,mlp", [("kv", False), ("kv", True), ("embedding", False)])
+def test_mixing(offline_model, mode, mlp):
+    torch.manual_seed(0)
+    prefix = make_prefix(mode, offline_model.config, 2, 6, mlp=mlp)
+    if prefix.mlp is None:
+        with torch.no_grad():
+            prefix.table_.normal_()
+    with torch.no_grad():
+        pos = prefix.cache(offline_model, label_weights(2, label=0)).layers
+        neg = prefix.cache(offline_model, label_weights(2, label=1)).layers
+        for alpha, want in ((1.0, pos), (0.0, neg)):
+            got = prefix.cache(offline_model, label_weights(2, alpha=alpha)).layers
+            assert all(torch.equal(g, w) for gl, wl in zip(got, want) for g, w in zip(gl, wl))  # exactly
+        table = prefix.table()
+        mixed = torch.einsum("bn,npw->bpw", label_weights(2, alpha=0.5), table)[0]
+        assert torch.allclose(mixed, (table[0] + table[1]) / 2, atol=1e-6)
+        if mode == "kv":  # the mix of the final key/value tensors is their mean
+            half = prefix.cache(offline_model, label_weights(2, alpha=0.5)).layers
+            assert all(torch.allclose(h, (p + n) / 2, atol=1e-6) for hl, pl, nl in zip(half, pos, neg)
+                       for h, p, n in zip(hl, pl, nl))
+
+
+def test_three_labels_mix_by_one_weight_each(offline_model):
+    prefix = KVPrefix(offline_model.config, 3, 4)
+    with torch.no_grad():
+        prefix.table_.normal_()
+    w = label_weights(3, weights=[0.2, 0.3, 0.5])
+    got = prefix.cache(offline_model, w).layers[0][0]
+    want = sum(wi * prefix.cache(offline_model, label_weights(3, label=i)).layers[0][0] for i, wi in enumerate([0.2, 0.3, 0.5]))
+    assert torch.allclose(got, want, atol=1e-6)
+    with pytest.raises(ValueError, match="alpha mixes two labels"):
+        label_weights(3, alpha=0.5)
+
+
+def test_prefix_len_checked(offline_model):
+    for bad in (0, -3, offline_model.config.n_positions):
+        with pytest.raises(ValueError, match="prefix_len must be between 1 and"):
+            KVPrefix(offline_model.config, 2, bad)
+        with pytest.raises(ValueError, match="prefix_len must be between 1 and"):
+            EmbeddingPrefix(offline_model.config, 2, bad)
+
+
+def test_checkpoint_round_trip(offline_model, tmp_path):
+    prefix = random_kv_prefix(offline_model, P=5, mlp=True)
+    path = tmp_path / "p.safetensors"
+    saved = save_prefix(path, prefix, offline_model, ["positive", "negative"], {"note": "test"})
+    c = offline_model.config
+    assert saved == 2 * 5 * c.n_layer * 2 * c.n_embd < 0.01 * offline_model.num_params()
+    assert [p.name for p in tmp_path.iterdir()] == ["p.safetensors"]  # no temporary file left behind
+    loaded, meta = load_prefix(path, offline_model)
+    assert loaded.mlp is None and meta["labels"] == ["positive", "negative"] and meta["info"] == {"note": "test"}
+    with torch.no_grad():
+        assert torch.equal(loaded.table(), prefix.table())
+
+
+def test_checkpoint_for_another_base_model(offline_model, tmp_path):
+    from minprefix.gpt2 import GPTConfig
+    other = GPT2(GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=50257, n_positions=64))
+    other.name_or_path = "tiny-random"
+    path = tmp_path / "p.safetensors"
+    save_prefix(path, KVPrefix(other.config, 2, 3), other, ["positive", "negative"])
+    with pytest.raises(ValueError, match=r"trained for base model tiny-random.*but the model loaded is .*imdb-gpt2-19m"):
+        load_prefix(path, offline_model)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "not-a-prefix"])
+def test_corrupt_checkpoint(offline_model, tmp_path, damage):
+    path = tmp_path / "p.safetensors"
+    save_prefix(path, KVPrefix(offline_model.config, 2, 3), offline_model, ["positive", "negative"])
+    data = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "garbage":
+        path.write_bytes(b"\x00" * 64)
+    else:
+        from safetensors.torch import save_file
+        save_file({"prefix": torch.zeros(2)}, str(path))
+    with pytest.raises(ValueError, match="p.safetensors: not a"):
+        load_prefix(path)
+
+
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train one with train.py"):
+        load_prefix(tmp_path / "nothing.safetensors")
