@@ -16,13 +16,13 @@ import torch
 
 from minprefix import GPT2, Tokenizer
 from minprefix.data import read_jsonl
-from minprefix.evaluation import Judge, evaluate_prefix
-from minprefix.prefix import load_prefix
-from train import DEFAULT_OUT
+from minprefix.evaluation import Judge, evaluate_prefix, evaluate_reference
+from minprefix.prefix import DEFAULT_CHECKPOINT, load_prefix
 
 COLUMNS = [("BLEU", "bleu", "{:.2f}"), ("ROUGE-1", "rouge1", "{:.3f}"), ("ROUGE-2", "rouge2", "{:.3f}"),
            ("ROUGE-L", "rougeL", "{:.3f}"), ("sentiment acc.", "acc_intended", "{:.0%}"),
-           ("flipped acc.", "acc_flipped", "{:.0%}"), ("perplexity", "perplexity", "{:.1f}"),
+           ("flipped acc.", "acc_flipped", "{:.0%}"), ("VADER gap", "vader_gap", "{:+.3f}"),
+           ("perplexity", "perplexity", "{:.1f}"),
            ("distinct-1", "distinct1", "{:.3f}"), ("distinct-2", "distinct2", "{:.3f}")]
 
 
@@ -38,7 +38,7 @@ def markdown(rows, alphas):
     head = ["setup"] + [c for c, _, _ in COLUMNS] + [f"VADER mean, alpha={a:g}" for a in alphas]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in rows:
-        cells = [name] + [fmt.format(r[key]) for _, key, fmt in COLUMNS]
+        cells = [name] + [fmt.format(r[key]) if key in r else "-" for _, key, fmt in COLUMNS]
         cells += [f"{r['alpha_sweep'][a]:+.3f}" if "alpha_sweep" in r else "" for a in alphas]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -65,7 +65,7 @@ def plot_sweep(rows, alphas, path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prefix", nargs="+", default=[DEFAULT_OUT], help="prefix checkpoints, one table row each "
+    p.add_argument("--prefix", nargs="+", default=[DEFAULT_CHECKPOINT], help="prefix checkpoints, one table row each "
                    "(all for the same base model) (default: %(default)s)")
     p.add_argument("--data", default="data/test.jsonl", help="held-out JSONL (default: %(default)s)")
     p.add_argument("--prompt-words", type=int, default=3, help="words of each held-out text given as the prompt "
@@ -84,12 +84,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     if min(args.prompt_words, args.n_samples, args.sweep_samples, args.max_new_tokens) < 1:
         p.error("--prompt-words, --n-samples, --sweep-samples and --max-new-tokens must be at least 1")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
 
     t0 = time.time()
     first_meta = load_prefix(args.prefix[0])[1]
-    model = GPT2.from_pretrained(args.model or first_meta["base_model"], device=device)
+    model = GPT2.from_pretrained(args.model or first_meta["base_model"], device=args.device)
+    device = model.wte.weight.device
     prefixes = [load_prefix(path, model) for path in args.prefix]
     labels = prefixes[0][1]["labels"]
     for path, (_, meta) in zip(args.prefix, prefixes):
@@ -107,6 +106,9 @@ def main(argv=None):
         t = time.time()
         rows.append((name, evaluate_prefix(model, tok, judge, examples, labels, prefix, **settings)))
         print(f"{name}: {time.time() - t:.0f} s", file=sys.stderr)
+
+    rows.append(("held-out texts themselves (the judge's ceiling)",
+                 evaluate_reference(model, tok, judge, examples, n_words=args.prompt_words)))
 
     os.makedirs(args.out, exist_ok=True)
     table = markdown(rows, alphas)

@@ -10,13 +10,12 @@ import sys
 import torch
 
 from minprefix import GPT2, Tokenizer, generate
-from minprefix.prefix import label_weights, load_prefix
-from train import DEFAULT_OUT
+from minprefix.prefix import DEFAULT_CHECKPOINT, label_weights, load_prefix
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prefix", default=DEFAULT_OUT, help="prefix checkpoint from train.py (default: %(default)s)")
+    p.add_argument("--prefix", default=DEFAULT_CHECKPOINT, help="prefix checkpoint from train.py (default: %(default)s)")
     tone = p.add_mutually_exclusive_group()
     tone.add_argument("--alpha", type=float, help="weight of the first label (positive) against the second "
                       "(negative): 1.0 positive, 0.0 negative (default: 0.5 with two labels)")
@@ -37,8 +36,6 @@ def main(argv=None):
         p.error("--n and --max-new-tokens must be at least 1")
     if args.temperature < 0 or not 0 < args.top_p <= 1 or (args.top_k is not None and args.top_k < 1):
         p.error("need --temperature >= 0, 0 < --top-p <= 1, --top-k >= 1")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
 
     prefix, meta = load_prefix(args.prefix)
     labels = meta["labels"]
@@ -57,7 +54,8 @@ def main(argv=None):
     except ValueError as e:
         p.error(str(e))
 
-    model = GPT2.from_pretrained(args.model or meta["base_model"], device=device)
+    model = GPT2.from_pretrained(args.model or meta["base_model"], device=args.device)
+    device = model.wte.weight.device
     prefix, meta = load_prefix(args.prefix, model)  # again, now checked against the base model
     prefix.to(device)
     tok = Tokenizer()

@@ -12,10 +12,8 @@ import torch
 
 from minprefix import GPT2, Tokenizer
 from minprefix.data import encode, label_names, read_jsonl
+from minprefix.prefix import DEFAULT_CHECKPOINT
 from minprefix.trainer import build_prefix, loss_plot_path, train
-
-DEFAULT_OUT = "weights/prefix.safetensors"
-
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -29,10 +27,10 @@ def main(argv=None):
                         "token embeddings (a soft prompt, the baseline) (default: %(default)s)")
     p.add_argument("--prefix-len", type=int, default=10, help="prefix positions per label (default: %(default)s)")
     p.add_argument("--mlp", action="store_true", help="train through the paper's MLP reparametrization (kv mode)")
-    p.add_argument("--epochs", type=int, default=8, help="(default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=10, help="(default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=2, help="(default: %(default)s)")
     p.add_argument("--lr", type=float, default=5e-5, help="peak learning rate, decayed linearly to 0 (default: %(default)s)")
-    p.add_argument("--out", default=DEFAULT_OUT, help="prefix checkpoint to write (default: %(default)s); "
+    p.add_argument("--out", default=DEFAULT_CHECKPOINT, help="prefix checkpoint to write (default: %(default)s); "
                                                       "the loss curve goes beside it as .loss.png")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
@@ -43,11 +41,10 @@ def main(argv=None):
     if args.lr <= 0:
         p.error(f"--lr must be positive, got {args.lr}")
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
     torch.manual_seed(args.seed)
     tok = Tokenizer()
-    model = GPT2.from_pretrained(args.model, device=device)
+    model = GPT2.from_pretrained(args.model, device=args.device)
+    device = model.wte.weight.device
     train_set = read_jsonl(args.data)
     labels = label_names(train_set)
     val_set = read_jsonl(args.val_data, labels=labels)

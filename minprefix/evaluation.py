@@ -98,6 +98,10 @@ def evaluate_prefix(model, tok, judge, examples, labels, prefix, n_words=3, n_sa
         "rougeL": mean(rouge_l(o, r).fmeasure for o, r in zip(outs, refs)),
         "acc_intended": mean(judge.label(o) == labels[y] for o, y in zip(outs, want.tolist())),
         "acc_flipped": mean(judge.label(o) == labels[y] for o, y in zip(outs_flipped, flipped.tolist())),
+        # how far the prefix moves the judge toward the intended label, against the flipped prefix on the same
+        # prompt: +1 steers fully, 0 not at all (the base model, by construction)
+        "vader_gap": mean((judge.score(o) - judge.score(f)) * (1 if labels[y] == "positive" else -1)
+                          for o, f, y in zip(outs, outs_flipped, want.tolist())) if len(labels) == 2 else float("nan"),
         "perplexity": perplexity(model, tok, prompts, outs),
         "distinct1": distinct(outs, 1),
         "distinct2": distinct(outs, 2),
@@ -113,6 +117,15 @@ def evaluate_prefix(model, tok, judge, examples, labels, prefix, n_words=3, n_sa
     row["samples"] = [{"prompt": p, "intended": labels[y], "text": o, "flipped": f}
                       for p, y, o, f in list(zip(prompts, want.tolist(), outs, outs_flipped))[:6]]
     return row
+
+
+def evaluate_reference(model, tok, judge, examples, n_words=3):
+    """The held-out texts' own continuations, scored like a generation: what the judge makes of human text
+    (its ceiling here), and the base model's perplexity and the diversity of real reviews."""
+    prompts, rests = zip(*(split_prompt(e.text, n_words) for e in examples))
+    return {"acc_intended": mean(judge.label(r) == e.label for r, e in zip(rests, examples)),
+            "perplexity": perplexity(model, tok, prompts, [" " + r for r in rests]),
+            "distinct1": distinct(rests, 1), "distinct2": distinct(rests, 2), "n_generations": len(rests)}
 
 
 def mean(xs):

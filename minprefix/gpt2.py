@@ -54,17 +54,48 @@ class KVCache:
     def length(self):  # P
         return self.layers[0][0].size(2) if self.layers else 0
 
-    def update(self, i, k, v):  # k, v (B, H, T, D) -> the layer's keys and values so far, (B, H, P+T, D)
+    def positions(self, T, limit, device):  # -> (T,) the new tokens' positions: they follow the cached ones
+        P = self.length
+        if P + T > limit:
+            raise ValueError(f"{P} cached + {T} new positions exceed the context of {limit}")
+        return torch.arange(P, P + T, device=device)
+
+    def update(self, i, k, v):  # k, v (B, H, T, D) -> the layer's keys and values so far (B, H, P+T, D), mask
         if i == len(self.layers):
             self.layers.append((k, v))
         else:
             past_k, past_v = self.layers[i]
             k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
             self.layers[i] = (k, v)
-        return k, v
+        return k, v, None  # None: causal, aligned to the end
 
-    def repeat(self, n):  # (B, H, P, D) -> (B*n, H, P, D): n samples of each row
-        return KVCache([(k.repeat_interleave(n, 0), v.repeat_interleave(n, 0)) for k, v in self.layers])
+
+class StaticKVCache:
+    """A KVCache in buffers of fixed size (B, H, capacity, D) with the fill level on the device, so that a
+    decoding step has the same shapes and addresses every time and can be replayed as a CUDA graph
+    (generate.py). Attention reads all `capacity` positions and masks those not written yet."""
+
+    def __init__(self, cache, config, batch, capacity, device):  # cache: a KVCache to start from (a prefix)
+        shape = (batch, config.n_head, capacity, config.n_embd // config.n_head)
+        self.k = [torch.zeros(shape, device=device) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device) for _ in range(config.n_layer)]
+        for i, (k, v) in enumerate(cache.layers):
+            self.k[i][:, :, :k.size(2)] = k
+            self.v[i][:, :, :v.size(2)] = v
+        self.pos = torch.tensor(cache.length, device=device)  # positions filled so far
+        self.slots = torch.arange(capacity, device=device)
+
+    def positions(self, T, limit, device):  # capacity <= limit was checked when the buffers were sized
+        self.new = self.pos + torch.arange(T, device=device)
+        self.mask = self.slots[None, :] <= self.new[:, None]  # (T, capacity): new token t sees 0..pos+t
+        return self.new
+
+    def update(self, i, k, v):
+        self.k[i].index_copy_(2, self.new, k)
+        self.v[i].index_copy_(2, self.new, v)
+        if i == len(self.k) - 1:
+            self.pos += k.size(2)
+        return self.k[i], self.v[i], self.mask
 
 
 class CausalSelfAttention(nn.Module):
@@ -79,10 +110,13 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        mask = None
         if kv_cache is not None:
-            k, v = kv_cache.update(layer, k, v)  # (B, H, P+T, D)
+            k, v, mask = kv_cache.update(layer, k, v)  # (B, H, P+T, D)
         S = k.size(2)
-        if S == T:
+        if mask is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        elif S == T:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         elif T == 1:  # one new token sees every cached position
             y = F.scaled_dot_product_attention(q, k, v)
@@ -138,10 +172,14 @@ class GPT2(nn.Module):
     def hidden(self, x, kv_cache=None):  # token (or soft-prompt) embeddings (B, T, C) -> final hidden states (B, T, C)
         # Positions continue after the cache: with a P-position prefix the text sits at positions P.. onward,
         # as in the paper's code and PEFT, and the same in training and sampling.
-        P, T = (kv_cache.length if kv_cache is not None else 0), x.size(1)
-        if P + T > self.config.n_positions:
-            raise ValueError(f"{P} cached + {T} new positions exceed the context of {self.config.n_positions}")
-        x = x + self.wpe(torch.arange(P, P + T, device=x.device))
+        T = x.size(1)
+        if kv_cache is None:
+            if T > self.config.n_positions:
+                raise ValueError(f"{T} positions exceed the context of {self.config.n_positions}")
+            pos = torch.arange(T, device=x.device)
+        else:
+            pos = kv_cache.positions(T, self.config.n_positions, x.device)
+        x = x + self.wpe(pos)
         for i, block in enumerate(self.h):
             x = block(x, kv_cache, i)
         return self.ln_f(x)
@@ -149,7 +187,10 @@ class GPT2(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path, dtype=torch.float32, device="cpu"):
         """A hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a local folder in the hub's layout
-        (config.json + model.safetensors, or a sharded model.safetensors.index.json). Eval mode."""
+        (config.json + model.safetensors, or a sharded model.safetensors.index.json). Eval mode.
+        device: "cpu", "cuda", ..., or "auto" for a GPU where there is one."""
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         from minprefix.hub import read_checkpoint  # file finding and key layouts live beside the model
 
         config_dict, tensors, where = read_checkpoint(name_or_path)

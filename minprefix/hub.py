@@ -63,14 +63,19 @@ def _read_safetensors(files):
     tensors, lm_head = {}, None
     for f in files:
         with safe_open(str(f), framework="pt") as st:
-            for key in st.keys():
-                name = key.removeprefix("transformer.")
-                if name.endswith((".attn.bias", ".attn.masked_bias")):  # causal-mask buffers, not weights
-                    continue
-                if name == "lm_head.weight":
-                    lm_head = st.get_tensor(key)
-                    continue
-                tensors[name] = st.get_tensor(key)
+            keys = list(st.keys())
+        for key in keys:
+            name = key.removeprefix("transformer.")
+            if name.endswith((".attn.bias", ".attn.masked_bias")):  # causal-mask buffers, not weights
+                continue
+            # One short-lived mapping of the file per tensor, copied out: the model owns its weights once, and no
+            # page of the file stays mapped beside them (a relayout such as wte's would otherwise hold both).
+            with safe_open(str(f), framework="pt") as st:
+                t = st.get_tensor(key).clone()
+            if name == "lm_head.weight":
+                lm_head = t
+            else:
+                tensors[name] = t
     if lm_head is not None and "wte.weight" in tensors and not torch.equal(lm_head, tensors["wte.weight"]):
         raise ValueError(f"{files[0]}: lm_head.weight differs from wte.weight; GPT-2 ties them and so does this model")
     return tensors

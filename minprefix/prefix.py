@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from minprefix.gpt2 import GPTConfig, KVCache
 
 FORMAT = "minprefix-prefix-v1"
+DEFAULT_CHECKPOINT = "weights/prefix.safetensors"  # where train.py writes and sample.py / eval.py read
 
 
 def check_prefix_len(prefix_len, config):

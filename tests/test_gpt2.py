@@ -145,3 +145,22 @@ def test_dtype_on_disk_and_asked(tmp_path):
     folder = tiny_folder(tmp_path, dtype=torch.float16)
     assert all(p.dtype == torch.float32 for p in GPT2.from_pretrained(folder).parameters())
     assert all(p.dtype == torch.bfloat16 for p in GPT2.from_pretrained(folder, dtype=torch.bfloat16).parameters())
+
+
+def test_static_cache_matches_growing_cache(offline_model):
+    """The fixed-buffer cache that CUDA-graph decoding uses: same logits as the growing one, and generate
+    through it (eagerly here; replayed as a graph on a GPU) gives the same tokens."""
+    from minprefix.gpt2 import StaticKVCache
+    idx = torch.randint(0, 50257, (2, 16))
+    prefix = KVCache([(torch.randn(2, 4, 3, 64), torch.randn(2, 4, 3, 64)) for _ in range(8)])
+    with torch.no_grad():
+        growing = KVCache(list(prefix.layers))
+        static = StaticKVCache(prefix, offline_model.config, 2, 3 + 16, "cpu")
+        a = [offline_model(idx[:, :9], growing)] + [offline_model(idx[:, t:t + 1], growing) for t in range(9, 16)]
+        b = [offline_model(idx[:, :9], static)] + [offline_model(idx[:, t:t + 1], static) for t in range(9, 16)]
+    assert int(static.pos) == growing.length == 19
+    assert (torch.cat(a, 1) - torch.cat(b, 1)).abs().max().item() <= TOL
+    tok = Tokenizer()
+    prompt = torch.tensor([[tok.eot] + tok.encode("The labs were")])
+    assert generate(offline_model, prompt, 15, temperature=0, cuda_graph=True) == \
+        generate(offline_model, prompt, 15, temperature=0, cuda_graph=False)

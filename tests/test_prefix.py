@@ -169,3 +169,21 @@ def test_corrupt_checkpoint(offline_model, tmp_path, damage):
 def test_missing_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="train one with train.py"):
         load_prefix(tmp_path / "nothing.safetensors")
+
+
+def test_fused_lm_head_loss_matches_cross_entropy(offline_model):
+    prefix = random_kv_prefix(offline_model, P=4, mlp=True)
+    idx = torch.randint(0, 50257, (2, 12))
+    targets = torch.randint(0, 50257, (2, 12))
+    targets[1, 7:] = -100  # padding
+    labels = torch.tensor([0, 1])
+    loss = prefix_loss(offline_model, prefix, idx, targets, labels)
+    loss.backward()
+    fused = [p.grad.clone() for p in prefix.parameters()]
+    prefix.zero_grad()
+    logits = offline_model(idx, prefix.cache(offline_model, F.one_hot(labels, 2).float()))
+    plain = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+    plain.backward()
+    assert abs(loss.item() - plain.item()) < 1e-5
+    for a, p in zip(fused, prefix.parameters()):
+        assert torch.allclose(a, p.grad, rtol=1e-4, atol=1e-7)
