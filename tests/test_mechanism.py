@@ -26,7 +26,7 @@ def tuned(offline_model, tmp_path_factory):
         items = [encode(s, tok, labels, 1000) for s in (train_set, test_set)]
     prefix = build_prefix("kv", offline_model, labels, 10, False, tok)
     out = tmp_path_factory.mktemp("mech") / "p.safetensors"
-    history = train(offline_model, prefix, *items, labels, out, epochs=4, lr=2e-2, seed=0)
+    history = train(offline_model, prefix, *items, labels, out, epochs=2, lr=2e-2, seed=0)
     return prefix.requires_grad_(False), labels, items[1], history
 
 
@@ -42,7 +42,7 @@ def test_each_prefix_explains_its_own_label_better(offline_model, tuned):
                 (idx, targets, _), = batches(rows, len(rows))
                 losses.append(prefix_loss(offline_model, prefix, idx, targets, torch.full((len(rows),), used)).item())
             print(f"{labels[true]} texts: loss {losses[true]:.3f} under their own prefix, {losses[1 - true]:.3f} under the other")
-            assert losses[true] < losses[1 - true] - 0.02
+            assert losses[true] < losses[1 - true] - 0.01
 
 
 def test_positive_prefix_writes_more_positive_text(offline_model, tuned):
