@@ -130,4 +130,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (OSError, ValueError, KeyError) as e:  # our loaders' and checks' errors: the message says it all
+        sys.exit(f"{sys.argv[0]}: error: {e}")

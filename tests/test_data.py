@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 
 from conftest import REPO
 from minprefix import Tokenizer

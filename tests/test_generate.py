@@ -1,7 +1,7 @@
 """Sampling: the distributions it draws from, seeding, stopping, and a prefix riding in the cache."""
 import torch
 
-from minprefix import KVCache, Tokenizer, generate
+from minprefix import Tokenizer, generate
 from minprefix.generate import pick
 from minprefix.prefix import KVPrefix, label_weights
 

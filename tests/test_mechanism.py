@@ -4,7 +4,6 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import REPO
 from minprefix import Tokenizer, generate

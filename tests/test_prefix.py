@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minprefix import GPT2, KVCache, Tokenizer
+from minprefix import GPT2, Tokenizer
 from minprefix.prefix import EmbeddingPrefix, KVPrefix, label_weights, load_prefix, make_prefix, save_prefix
 from minprefix.trainer import build_prefix, prefix_loss
 
