@@ -32,7 +32,7 @@ def generate(model, idx, max_new_tokens=50, kv_cache=None, temperature=1.0, top_
         if i == max_new_tokens - 1 or done.all():
             break
         logits = step(x)
-    rows = torch.cat(out, dim=1).tolist()
+    rows = torch.cat(out, dim=1).tolist() if out else [[] for _ in range(B)]  # max_new_tokens 0
     return [row[:row.index(eot)] if eot in row else row for row in rows]
 
 
