@@ -8,14 +8,13 @@ The whole path of a K/V prefix (Li & Liang 2021, section 4):
   -> attention in every layer: the text's queries attend to those P positions before its own (gpt2.py)
 """
 import json
-import os
-import tempfile
 
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from minprefix.files import atomic_path
 from minprefix.gpt2 import GPTConfig, KVCache
 
 FORMAT = "minprefix-prefix-v1"
@@ -125,29 +124,19 @@ def label_weights(n_labels, label=None, alpha=None, weights=None):
 
 # ---- checkpoints: the final prefix (after the MLP) and what it was trained for ----
 
-def save_prefix(path, prefix, model, labels, info=None):
-    """Write atomically: a crash mid-write leaves the previous checkpoint, never half of one."""
+def save_prefix(path, prefix, base_model, labels, info=None):
+    """Write atomically: a crash mid-write leaves the previous checkpoint, never half of one.
+    base_model: what GPT2.from_pretrained should load for this prefix (model.name_or_path)."""
     c = prefix.config
     table = prefix.table().detach().float().cpu()
     if isinstance(prefix, KVPrefix):
         table = table.view(prefix.n_labels, prefix.prefix_len, c.n_layer, 2 * c.n_embd)  # (n_labels, P, L, 2*H*D)
     meta = {"format": FORMAT, "mode": "kv" if isinstance(prefix, KVPrefix) else "embedding",
             "prefix_len": str(prefix.prefix_len), "labels": json.dumps(list(labels)),
-            "base_model": str(model.name_or_path), "base_config": json.dumps(vars(c)),
+            "base_model": str(base_model), "base_config": json.dumps(vars(c)),
             "trained_with_mlp": json.dumps(prefix.mlp is not None), "info": json.dumps(info or {})}
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file({"prefix": table.contiguous()}, tmp, metadata=meta)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a checkpoint is an ordinary file
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return table.numel()
 
 

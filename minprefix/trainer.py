@@ -119,7 +119,7 @@ def train(model, prefix, train_items, val_items, labels, out, epochs=5, batch_si
                    lr=lr, batch_size=batch_size, seed=seed,
                    val_loss=history["val_loss"][-1] if history["val_loss"] else None,
                    train_loss=sum(history["step_loss"][-steps_per_epoch:]) / max(1, len(history["step_loss"][-steps_per_epoch:])))
-        save_prefix(out, prefix, model, labels, run)
+        save_prefix(out, prefix, model.name_or_path, labels, run)
         save_loss_plot(history, loss_plot_path(out))
 
     try:

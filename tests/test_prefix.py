@@ -130,7 +130,7 @@ def test_prefix_len_checked(offline_model):
 def test_checkpoint_round_trip(offline_model, tmp_path):
     prefix = random_kv_prefix(offline_model, P=5, mlp=True)
     path = tmp_path / "p.safetensors"
-    saved = save_prefix(path, prefix, offline_model, ["positive", "negative"], {"note": "test"})
+    saved = save_prefix(path, prefix, offline_model.name_or_path, ["positive", "negative"], {"note": "test"})
     c = offline_model.config
     assert saved == 2 * 5 * c.n_layer * 2 * c.n_embd < 0.01 * offline_model.num_params()
     assert [p.name for p in tmp_path.iterdir()] == ["p.safetensors"]  # no temporary file left behind
@@ -145,7 +145,7 @@ def test_checkpoint_for_another_base_model(offline_model, tmp_path):
     other = GPT2(GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=50257, n_positions=64))
     other.name_or_path = "tiny-random"
     path = tmp_path / "p.safetensors"
-    save_prefix(path, KVPrefix(other.config, 2, 3), other, ["positive", "negative"])
+    save_prefix(path, KVPrefix(other.config, 2, 3), other.name_or_path, ["positive", "negative"])
     with pytest.raises(ValueError, match=r"trained for base model tiny-random.*but the model loaded is .*imdb-gpt2-19m"):
         load_prefix(path, offline_model)
 
@@ -153,7 +153,7 @@ def test_checkpoint_for_another_base_model(offline_model, tmp_path):
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "not-a-prefix"])
 def test_corrupt_checkpoint(offline_model, tmp_path, damage):
     path = tmp_path / "p.safetensors"
-    save_prefix(path, KVPrefix(offline_model.config, 2, 3), offline_model, ["positive", "negative"])
+    save_prefix(path, KVPrefix(offline_model.config, 2, 3), offline_model.name_or_path, ["positive", "negative"])
     data = path.read_bytes()
     if damage == "truncated":
         path.write_bytes(data[: len(data) // 2])
