@@ -1,87 +1,94 @@
-"""Sampling with a key/value cache. A prefix is passed as the cache the text starts from, so it costs nothing per token."""
+"""Writing text, the reference: the prompt in one pass, then one token at a time through the key/value cache.
+
+A prefix is the cache the text starts from, so it costs nothing per token. Sampling is softmax, top-k, top-p and
+torch.multinomial; beam search (minprefix/beam.py) is the other way to pick. minprefix/fast.py replaces pieces of
+this loop where that pays, and tests hold the two to the same tokens.
+"""
 import torch
 
-from minprefix.gpt2 import KVCache, StaticKVCache
+from minprefix.gpt2 import KVCache
 from minprefix.tokenizer import EOT
 
 
-@torch.no_grad()
-def generate(model, idx, max_new_tokens=50, kv_cache=None, temperature=1.0, top_k=None, top_p=None,
-             eot=EOT, seed=None, cuda_graph=None):
-    """idx (B, T) prompt tokens -> list of B lists of new tokens, each cut before its first <|endoftext|>.
+def check_sampling(temperature=1.0, top_k=None, top_p=None):
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 (or None for off), got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (1 or None for off), got {top_p}")
 
-    kv_cache: where the text starts, e.g. a prefix: `prefix.cache(model, weights)` gives one row per row of
-    idx (B, H, P, D per layer); generate extends it. temperature 0 means greedy. cuda_graph (default: on a
-    GPU) replays each decoding step as one CUDA graph over a StaticKVCache copy of the cache.
-    """
-    B, T = idx.shape
-    cache = kv_cache if kv_cache is not None else KVCache()
-    max_new_tokens = min(max_new_tokens, model.config.n_positions - cache.length - T + 1)  # the context's end
-    if cuda_graph if cuda_graph is not None else idx.is_cuda:
-        cache = StaticKVCache(cache, model.config, B, cache.length + T + max_new_tokens, idx.device)
-    gen = torch.Generator(device=idx.device).manual_seed(seed) if seed is not None else None
-    logits = model(idx, cache, last_only=True)[:, -1]  # the prompt, at once: (B, V)
-    step = cuda_graph_step(model, cache, B) if isinstance(cache, StaticKVCache) and idx.is_cuda else \
-        (lambda x: model(x, cache, last_only=True)[:, -1])
-    out, done = [], torch.zeros(B, dtype=torch.bool, device=idx.device)
+
+def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):  # logits (B, V) -> tokens (B, 1)
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:  # keep the k likeliest (and any tied with the k-th), as HF does
+        kth = logits.topk(min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    if top_p is not None and top_p < 1:  # nucleus: the likeliest tokens until their mass reaches top_p
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # the mass before a token already reaches top_p
+        drop[:, 0] = False  # the likeliest token always stays
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+    return torch.multinomial(probs, 1, generator=generator)
+
+
+def room(model, cache, idx, real, max_new_tokens):
+    """max_new_tokens, cut where the context ends: the last new token is sampled but never fed back."""
+    cached = cache.length if cache.real is None else int(cache.real.sum(1).max())
+    new = idx.size(1) if real is None else int(real.sum(1).max())
+    if cached + new > model.config.n_positions:  # the prompt alone does not fit: refuse, as the model would
+        raise ValueError(f"{cached} cached + {new} new positions exceed the context of {model.config.n_positions}")
+    return max(0, min(max_new_tokens, model.config.n_positions - cached - new + 1))
+
+
+def decode(logits, step, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eot=EOT, seed=None):
+    """The sampling loop. logits (B, V): the next token's; step: tokens (B, 1) -> the next logits (B, V).
+    Yields (B, 1) tokens; a row that has written eot writes eot from then on; ends when every row has."""
+    generator = torch.Generator(device=logits.device).manual_seed(seed) if seed is not None else None
+    done = torch.zeros(logits.size(0), dtype=torch.bool, device=logits.device)
     for i in range(max_new_tokens):
-        x = pick(logits.float(), temperature, top_k, top_p, gen)  # (B, 1)
-        x = torch.where(done[:, None], torch.full_like(x, eot), x)
-        out.append(x)
-        done |= x[:, 0] == eot
+        x = sample(logits.float(), temperature, top_k, top_p, generator)  # (B, 1)
+        if eot is not None:
+            x = x.masked_fill(done[:, None], eot)
+            done |= x[:, 0] == eot
+        yield x
         if i == max_new_tokens - 1 or done.all():
-            break
+            return
         logits = step(x)
-    rows = torch.cat(out, dim=1).tolist() if out else [[] for _ in range(B)]  # max_new_tokens 0
+
+
+@torch.no_grad()
+def stream(model, idx, max_new_tokens=50, kv_cache=None, real=None, temperature=1.0, top_k=None, top_p=None,
+           eot=EOT, seed=None):
+    """Yields the new tokens, (B, 1) at a time. idx (B, T) prompt tokens, padded on the left where real (B, T) is
+    False. kv_cache: where the text starts, e.g. a prefix (`prefix.cache(model, weights)`, one row per row of
+    idx); it is left as it was. temperature 0 is greedy."""
+    check_sampling(temperature, top_k, top_p)
+    cache = KVCache() if kv_cache is None else kv_cache.copy()
+    n = room(model, cache, idx, real, max_new_tokens)
+    if n == 0:
+        return
+    logits = model(idx, cache, real)[:, -1]  # the prompt at once; with left padding every row ends at T-1: (B, V)
+    yield from decode(logits, lambda x: model(x, cache)[:, -1], n, temperature, top_k, top_p, eot, seed)
+
+
+def generate(model, idx, max_new_tokens=50, **kw):
+    """-> B lists of new tokens, each cut before its first <|endoftext|>. Arguments as stream's."""
+    return collect(stream(model, idx, max_new_tokens, **kw), idx.size(0), kw.get("eot", EOT))
+
+
+def collect(steps, B, eot=EOT):  # stream's (B, 1) tokens -> B lists, each cut before its first eot
+    steps = list(steps)
+    rows = torch.cat(steps, dim=1).tolist() if steps else [[] for _ in range(B)]
     return [row[:row.index(eot)] if eot in row else row for row in rows]
 
 
-def cuda_graph_step(model, cache, B):
-    """One decoding step, (B, 1) tokens -> (B, V) logits, captured once as a CUDA graph. At batch 1 a GPT-2
-    step is ~170 small kernels; eager PyTorch takes longer to launch them than the GPU takes to run them."""
-    x_in = torch.zeros(B, 1, dtype=torch.long, device=cache.pos.device)
-    start = cache.pos.clone()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up before capture, as CUDA graphs require; it writes one position ahead,
-        for _ in range(2):  # which the first real step overwrites
-            model(x_in, cache, last_only=True)
-            cache.pos.copy_(start)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        logits = model(x_in, cache, last_only=True)[:, -1]
-
-    def step(x):
-        x_in.copy_(x)
-        graph.replay()  # writes this step's keys and values, advances cache.pos, fills `logits`
-        return logits
-    return step
-
-
-def pick(logits, temperature=1.0, top_k=None, top_p=None, generator=None):  # logits (B, V) -> next tokens (B, 1)
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    probs = (logits / temperature).softmax(dim=-1)
-    V, ids = probs.size(-1), None
-    if top_k is not None or (top_p is not None and top_p < 1.0):
-        # The candidates, likeliest first. The nucleus is looked for among the top 1024 first: sorting the whole
-        # vocabulary for every row costs more than the model's step on a CPU.
-        k = min(top_k or V, V)
-        probs_k, ids = probs.topk(min(k, 1024) if top_p is not None and top_p < 1.0 else k)
-        if top_k is not None:
-            probs_k = probs_k / probs_k.sum(dim=-1, keepdim=True)  # top-k first, then top-p on what is left (as HF)
-        if top_p is not None and top_p < 1.0:
-            if ids.size(-1) < k and (probs_k.sum(dim=-1) < top_p).any():  # a flat distribution: take all k
-                probs_k, ids = probs.sort(dim=-1, descending=True)
-                probs_k, ids = probs_k[:, :k], ids[:, :k]
-                if top_k is not None:
-                    probs_k = probs_k / probs_k.sum(dim=-1, keepdim=True)
-            # nucleus: the smallest set whose mass reaches top_p; a token is dropped once the mass before it does
-            probs_k = probs_k.masked_fill(probs_k.cumsum(dim=-1) - probs_k >= top_p, 0.0)
-        probs = probs_k
-    # inverse-CDF sampling: one uniform number per row (torch.multinomial is 20x slower here on a CPU)
-    cdf = probs.cumsum(dim=-1)
-    u = torch.rand(cdf.size(0), 1, generator=generator, device=cdf.device) * cdf[:, -1:]
-    choice = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.size(-1) - 1)  # (B, 1)
-    return choice if ids is None else ids.gather(-1, choice)
+def pad_left(prompts, pad=EOT, device=None):
+    """Token lists of different lengths -> idx (B, T) padded on the left, real (B, T) False at the padding."""
+    T = max(len(p) for p in prompts)
+    idx = torch.tensor([[pad] * (T - len(p)) + list(p) for p in prompts], device=device)
+    real = torch.tensor([[False] * (T - len(p)) + [True] * len(p) for p in prompts], device=device)
+    return idx, real

@@ -1,8 +1,10 @@
-"""GPT-2 in plain PyTorch, with the checkpoint's own parameter names so the hub's weights map 1:1.
+"""GPT-2 in plain PyTorch: the reference. GPT-2's own parameter names, so the hub's weights map 1:1.
 
-Shapes: B batch, T new positions, P positions already in the key/value cache (a prefix, or tokens decoded
-so far), C = n_embd, H = n_head, D = C // H, V = vocab_size.
+Shapes: B batch, T new positions, S positions already in the key/value cache (a prefix, or tokens decoded so
+far), C = n_embd, H = n_head, D = C // H, V = vocab_size. Nothing here is tuned for speed; minprefix/fast.py
+holds the faster pieces, each checked against this file by tests.
 """
+import os
 from dataclasses import dataclass
 
 import torch
@@ -20,82 +22,36 @@ class GPTConfig:
     layer_norm_epsilon: float = 1e-5
 
 
-def linear(x, weight, bias=None):  # x (..., in), weight (out, in) -> (..., out)
-    rows, k = x.numel() // x.size(-1), torch.get_num_threads()
-    if x.device.type == "cpu" and rows <= 16 and k > 1 and weight.t().is_contiguous() and weight.size(1) % k == 0:
-        # Decoding multiplies a few rows by each weight, so reading the weight is all the work, and MKL's
-        # matrix-vector product reads it with one core. Cutting the inner dimension into one slice per core
-        # makes bmm read with all of them: 1.5x faster sampling on a 2-core CPU (bench/bench_vs_peft.py).
-        xs = x.reshape(rows, k, -1).transpose(0, 1)  # (k, rows, in/k)
-        y = torch.bmm(xs, weight.t().view(k, -1, weight.size(0))).sum(0)  # (rows, out)
-        y = y if bias is None else y + bias
-        return y.view(*x.shape[:-1], -1)
-    return F.linear(x, weight, bias)
-
-
-class Linear(nn.Linear):
-    """nn.Linear, whose weight may be a (out, in) view of the checkpoint's (in, out) Conv1D storage."""
-
-    def forward(self, x):
-        return linear(x, self.weight, self.bias)
-
-
 class KVCache:
-    """Keys and values of the positions before the current ones, one (k, v) pair per layer, each (B, H, P, D).
+    """The keys and values of the positions before the current ones: one (k, v) pair per layer, each (B, H, S, D),
+    and which of those positions are real (B, S), False where a shorter prompt was padded on the left.
 
-    This one mechanism carries both things that come before the text: a learned prefix (the cache starts
-    with P trained positions) and the tokens already decoded (each step appends one position).
+    This one mechanism carries both things that come before the text: a learned prefix (the cache starts with
+    P trained positions) and the tokens already decoded (each step appends one position).
     """
 
-    def __init__(self, layers=None):
-        self.layers = list(layers) if layers is not None else []
+    def __init__(self, layers=(), real=None):
+        self.layers = list(layers)
+        self.real = real  # None: every position is real
 
     @property
-    def length(self):  # P
+    def length(self):  # S
         return self.layers[0][0].size(2) if self.layers else 0
 
-    def positions(self, T, limit, device):  # -> (T,) the new tokens' positions: they follow the cached ones
-        P = self.length
-        if P + T > limit:
-            raise ValueError(f"{P} cached + {T} new positions exceed the context of {limit}")
-        return torch.arange(P, P + T, device=device)
-
-    def update(self, i, k, v):  # k, v (B, H, T, D) -> the layer's keys and values so far (B, H, P+T, D), mask
-        if i == len(self.layers):
-            self.layers.append((k, v))
-        else:
+    def update(self, i, k, v):  # layer i's new k, v (B, H, T, D) -> all its keys and values (B, H, S+T, D)
+        if i < len(self.layers):
             past_k, past_v = self.layers[i]
             k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
             self.layers[i] = (k, v)
-        return k, v, None  # None: causal, aligned to the end
+        else:
+            self.layers.append((k, v))
+        return k, v
 
+    def copy(self):  # a cache to extend without changing this one (the tensors are shared, never written)
+        return KVCache(self.layers, self.real)
 
-class StaticKVCache:
-    """A KVCache in buffers of fixed size (B, H, capacity, D) with the fill level on the device, so that a
-    decoding step has the same shapes and addresses every time and can be replayed as a CUDA graph
-    (generate.py). Attention reads all `capacity` positions and masks those not written yet."""
-
-    def __init__(self, cache, config, batch, capacity, device):  # cache: a KVCache to start from (a prefix)
-        shape = (batch, config.n_head, capacity, config.n_embd // config.n_head)
-        self.k = [torch.zeros(shape, device=device) for _ in range(config.n_layer)]
-        self.v = [torch.zeros(shape, device=device) for _ in range(config.n_layer)]
-        for i, (k, v) in enumerate(cache.layers):
-            self.k[i][:, :, :k.size(2)] = k
-            self.v[i][:, :, :v.size(2)] = v
-        self.pos = torch.tensor(cache.length, device=device)  # positions filled so far
-        self.slots = torch.arange(capacity, device=device)
-
-    def positions(self, T, limit, device):  # capacity <= limit was checked when the buffers were sized
-        self.new = self.pos + torch.arange(T, device=device)
-        self.mask = self.slots[None, :] <= self.new[:, None]  # (T, capacity): new token t sees 0..pos+t
-        return self.new
-
-    def update(self, i, k, v):
-        self.k[i].index_copy_(2, self.new, k)
-        self.v[i].index_copy_(2, self.new, v)
-        if i == len(self.k) - 1:
-            self.pos += k.size(2)
-        return self.k[i], self.v[i], self.mask
+    def select(self, rows):  # rows (N,) -> the cache of those rows, e.g. the surviving beams
+        return KVCache([(k[rows], v[rows]) for k, v in self.layers], None if self.real is None else self.real[rows])
 
 
 class CausalSelfAttention(nn.Module):
@@ -103,27 +59,16 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.n_head = config.n_head
-        self.c_attn = Linear(config.n_embd, 3 * config.n_embd)
-        self.c_proj = Linear(config.n_embd, config.n_embd)
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
 
-    def forward(self, x, kv_cache=None, layer=0):  # x (B, T, C) -> (B, T, C)
+    def forward(self, x, mask, kv_cache, layer):  # x (B, T, C), mask (B, 1, T, S+T) -> (B, T, C)
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
-        mask = None
-        if kv_cache is not None:
-            k, v, mask = kv_cache.update(layer, k, v)  # (B, H, P+T, D)
-        S = k.size(2)
-        if mask is not None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        elif S == T:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        elif T == 1:  # one new token sees every cached position
-            y = F.scaled_dot_product_attention(q, k, v)
-        else:  # new token t sees the P cached positions and new tokens 0..t
-            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        k, v = kv_cache.update(layer, k, v)  # the prefix and earlier tokens come first: (B, H, S+T, D)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # softmax(q k^T / sqrt(D) + mask) v
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.c_proj(y)
 
 
@@ -131,8 +76,8 @@ class MLP(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.c_fc = Linear(config.n_embd, 4 * config.n_embd)
-        self.c_proj = Linear(4 * config.n_embd, config.n_embd)
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
 
     def forward(self, x):  # (B, T, C) -> (B, T, 4C) -> (B, T, C)
         return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))  # GPT-2's "gelu_new" is the tanh form
@@ -147,8 +92,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x, kv_cache=None, layer=0):  # pre-LN residual block, (B, T, C) -> (B, T, C)
-        x = x + self.attn(self.ln_1(x), kv_cache, layer)
+    def forward(self, x, mask, kv_cache, layer):  # pre-LN residual block, (B, T, C) -> (B, T, C)
+        x = x + self.attn(self.ln_1(x), mask, kv_cache, layer)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -161,27 +106,40 @@ class GPT2(nn.Module):
         self.wpe = nn.Embedding(config.n_positions, config.n_embd)
         self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied: GPT-2 reads its output with its input embedding
         self.name_or_path = None  # set by from_pretrained; recorded in prefix checkpoints
 
-    def forward(self, idx, kv_cache=None, last_only=False):  # idx (B, T) -> logits (B, T, V), or (B, 1, V)
-        x = self.hidden(self.wte(idx), kv_cache)
-        if last_only:
-            x = x[:, -1:]
-        return linear(x, self.wte.weight)  # lm_head is tied to wte
+    def forward(self, idx, kv_cache=None, real=None):  # idx (B, T) -> logits (B, T, V)
+        return self.lm_head(self.hidden(self.wte(idx), kv_cache, real))
 
-    def hidden(self, x, kv_cache=None):  # token (or soft-prompt) embeddings (B, T, C) -> final hidden states (B, T, C)
-        # Positions continue after the cache: with a P-position prefix the text sits at positions P.. onward,
-        # as in the paper's code and PEFT, and the same in training and sampling.
-        T = x.size(1)
-        if kv_cache is None:
-            if T > self.config.n_positions:
-                raise ValueError(f"{T} positions exceed the context of {self.config.n_positions}")
-            pos = torch.arange(T, device=x.device)
-        else:
-            pos = kv_cache.positions(T, self.config.n_positions, x.device)
+    def hidden(self, x, kv_cache=None, real=None):
+        """Token (or soft-prompt) embeddings x (B, T, C) -> final hidden states (B, T, C).
+
+        kv_cache: the keys and values of the positions before x (a prefix; tokens decoded so far); this call
+        appends x's. real (B, T): False at left padding, so that prompts of different lengths share a batch.
+        """
+        B, T, _ = x.shape
+        cache = kv_cache if kv_cache is not None else KVCache()
+        S = cache.length
+        real = torch.ones(B, T, dtype=torch.bool, device=x.device) if real is None else real
+        past = torch.ones(B, S, dtype=torch.bool, device=x.device) if cache.real is None else cache.real
+        keys = torch.cat([past, real], dim=1)  # (B, S+T): which keys are real
+        # Positions count the real positions before: with a P-position prefix the text starts at position P, as in
+        # the paper's code and PEFT, and a padded prompt gets the positions it would have alone.
+        pos = (past.sum(1, keepdim=True) + real.cumsum(1) - 1).clamp(min=0)  # (B, T)
+        if S + T > self.config.n_positions and int(pos.max()) >= self.config.n_positions:
+            raise ValueError(f"{S} cached + {T} new positions exceed the context of {self.config.n_positions}")
+        # The one mask for every case: new token t (at index S+t among the keys) sees the real keys up to itself,
+        # prefix and cache included; and always itself, so that a padding position's softmax is never empty.
+        key_index, query_index = torch.arange(S + T, device=x.device), torch.arange(S, S + T, device=x.device)
+        causal = key_index[None, :] <= query_index[:, None]  # (T, S+T)
+        itself = key_index[None, :] == query_index[:, None]
+        mask = (causal & keys[:, None, :]) | itself  # (B, T, S+T)
         x = x + self.wpe(pos)
         for i, block in enumerate(self.h):
-            x = block(x, kv_cache, i)
+            x = block(x, mask[:, None], cache, i)
+        cache.real = keys
         return self.ln_f(x)
 
     @classmethod
@@ -197,7 +155,7 @@ class GPT2(nn.Module):
         config = config_from_hf(config_dict, where)
         with torch.device("meta"):
             model = cls(config)
-        expected = {k: v.shape for k, v in model.state_dict().items()}
+        expected = {k: v.shape for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied to wte
         missing = sorted(set(expected) - set(tensors))
         if missing:
             raise KeyError(f"{where}: tensor {missing[0]} is missing" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
@@ -207,23 +165,31 @@ class GPT2(nn.Module):
                            f" is not part of GPT-2")
         state = {}
         for k, t in tensors.items():
-            # HF stores these four as Conv1D weights (in, out); Linear wants (out, in): a transposed view, no copy
+            # GPT-2 stores these four as Conv1D weights, (in, out); nn.Linear wants (out, in): transposed once here
             conv1d = k.endswith(("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"))
             want = tuple(reversed(expected[k])) if conv1d else tuple(expected[k])
             if tuple(t.shape) != want:
                 raise ValueError(f"{where}: tensor {k} has shape {tuple(t.shape)} on disk, but config.json "
                                  f"(n_layer={config.n_layer}, n_head={config.n_head}, n_embd={config.n_embd}, "
                                  f"vocab_size={config.vocab_size}, n_positions={config.n_positions}) expects {want}")
-            t = t.to(device=device, dtype=dtype)
-            if k == "wte.weight":  # (V, C) as a view of (C, V) storage: the lm_head then reads it in order
-                t = t.t().contiguous().t()
-            state[k] = t.t() if conv1d else t
-        model.load_state_dict(state, assign=True)
-        model.name_or_path = str(name_or_path)
+            state[k] = (t.t() if conv1d else t).to(device=device, dtype=dtype).contiguous()
+        model.load_state_dict(state, strict=False, assign=True)
+        model.lm_head.weight = model.wte.weight  # assign=True replaced wte's parameter: tie again
+        # a folder is recorded as an absolute path, so that a prefix trained on it loads from any directory
+        local = os.path.isdir(os.path.expanduser(str(name_or_path)))
+        model.name_or_path = os.path.abspath(os.path.expanduser(str(name_or_path))) if local else str(name_or_path)
         return model.eval()
 
-    def num_params(self):
+    def num_params(self):  # wte and lm_head are one tensor, counted once
         return sum(p.numel() for p in self.parameters())
+
+    @property
+    def dtype(self):
+        return self.wte.weight.dtype
+
+    @property
+    def device(self):
+        return self.wte.weight.device
 
 
 def config_from_hf(d, where="config.json"):

@@ -27,6 +27,24 @@ def read_checkpoint(name_or_path, cache_dir=None):
     return json.loads(Path(config_file).read_text()), _read_safetensors([weights_file]), f"{repo} ({weights_file})"
 
 
+def read_config(name_or_path, cache_dir=None):
+    """-> the config.json dict of a hub name or local folder, without reading the weights (same errors as
+    read_checkpoint)."""
+    folder = Path(os.path.expanduser(str(name_or_path)))
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"{folder} has no config.json")
+        return json.loads((folder / "config.json").read_text())
+    name = str(name_or_path)
+    repo = HUB_REPOS.get(name) or (name if name in HUB_REPOS.values() else None)
+    if repo is None:
+        if os.sep in name or name.startswith((".", "~")):
+            raise FileNotFoundError(f"no folder at {name}: pass a folder holding config.json and model.safetensors")
+        raise ValueError(f"unknown model name {name!r}: the known names are {', '.join(HUB_REPOS)} "
+                         f"(or pass a local folder holding config.json and model.safetensors)")
+    return json.loads(Path(_hub_file(repo, "config.json", cache_dir)).read_text())
+
+
 def _hub_file(repo, filename, cache_dir):
     try:  # the cache first: official GPT-2 files never change, and this works offline
         return hf_hub_download(repo, filename, cache_dir=cache_dir, local_files_only=True)

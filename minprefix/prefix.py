@@ -62,7 +62,8 @@ class KVPrefix(nn.Module):
 
     def cache(self, model, weights):  # weights (B, n_labels) -> KVCache of P positions, (B, H, P, D) per layer
         c = self.config
-        kv = torch.einsum("bn,npw->bpw", weights, self.table())  # the mix: (B, P, L*2*C)
+        table = self.table()
+        kv = torch.einsum("bn,npw->bpw", weights.to(table), table).to(model.dtype)  # the mix: (B, P, L*2*C)
         B, P = kv.shape[:2]
         kv = kv.view(B, P, 2 * c.n_layer, c.n_head, c.n_embd // c.n_head).permute(2, 0, 3, 1, 4)  # (L*2, B, H, P, D)
         return KVCache([(kv[2 * i], kv[2 * i + 1]) for i in range(c.n_layer)])
@@ -89,14 +90,14 @@ class EmbeddingPrefix(nn.Module):
         return self.table_
 
     def cache(self, model, weights):  # weights (B, n_labels) -> KVCache of P positions
-        vectors = torch.einsum("bn,npc->bpc", weights, self.table_)  # the mix: (B, P, C)
+        vectors = torch.einsum("bn,npc->bpc", weights.to(self.table_), self.table_).to(model.dtype)  # the mix: (B, P, C)
         cache = KVCache()
         model.hidden(vectors, cache)  # running the P vectors through the model leaves their keys and values
         return cache
 
     @torch.no_grad()
     def init_from_tokens(self, model, tokens):  # tokens (n_labels, P): start from real words' embeddings
-        self.table_.copy_(model.wte(tokens))
+        self.table_.copy_(model.wte(tokens).float())
 
 
 def make_prefix(mode, config, n_labels, prefix_len, mlp=False):

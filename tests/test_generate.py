@@ -1,14 +1,16 @@
-"""Sampling: the distributions it draws from, seeding, stopping, and a prefix riding in the cache."""
+"""Sampling, the reference: the distributions it draws from, seeding, stopping, the context's end, a prefix
+riding in the cache, and prompts of different lengths in one batch."""
+import pytest
 import torch
 
-from minprefix import Tokenizer, generate
-from minprefix.generate import pick
+from minprefix import Tokenizer
+from minprefix.generate import generate, pad_left, sample
 from minprefix.prefix import KVPrefix, label_weights
 
 
 def frequencies(logits, n=20000, **kw):
     g = torch.Generator().manual_seed(0)
-    draws = pick(logits.expand(n, -1), generator=g, **kw)[:, 0]
+    draws = sample(logits.expand(n, -1), generator=g, **kw)[:, 0]
     return torch.bincount(draws, minlength=logits.size(-1)).float() / n
 
 
@@ -24,17 +26,28 @@ def test_top_k_and_top_p_restrict_the_support():
     f = frequencies(logits, top_k=2)
     assert f[2:].sum() == 0 and abs(f[0] - 0.731) < 0.015  # renormalised over the two kept
     f = frequencies(logits, top_p=0.8)  # .64 < .8, .64+.23 >= .8: the nucleus is the first two
-    assert f[2:].sum() == 0 and f[1] > 0.2
+    assert f[2:].sum() == 0 and abs(f[0] - 0.731) < 0.015
     f = frequencies(logits, top_p=0.5)  # the likeliest alone already reaches .5
+    assert f[0] == 1.0
+    f = frequencies(logits, top_p=1e-9)  # a tiny nucleus is the likeliest token, never an empty set
     assert f[0] == 1.0
 
 
-def test_top_p_on_a_flat_distribution_falls_back_to_the_full_sort():
-    logits = torch.linspace(0, -1, 4000)[None]  # nearly flat: the nucleus holds far more than 1024 tokens
-    probs = logits.softmax(-1)[0]
-    size = int((probs.cumsum(0) - probs < 0.5).sum())
-    f = frequencies(logits, top_p=0.5, n=20000)
-    assert size > 1024 and f[size:].sum() == 0 and f[1024:size].sum() > 0.2
+def test_top_k_then_top_p_on_a_flat_distribution():
+    """top-k first, then the nucleus of what is left, renormalised (HF's order). On a nearly flat distribution
+    the nucleus is large: every one of its tokens must be drawable, and none outside it."""
+    logits = torch.linspace(0, -1, 4000)[None]
+    kept = logits[0, :3000].softmax(-1)  # top_k=3000 keeps the first 3000; renormalised
+    size = int((kept.cumsum(0) - kept < 0.5).sum())  # the nucleus of mass 0.5 within them
+    f = frequencies(logits, top_k=3000, top_p=0.5, n=30000)  # ~24 draws per nucleus token
+    assert size == 1226
+    assert f[size:].sum() == 0 and (f[:size] > 0).all()  # the whole nucleus, nothing more
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5)])
+def test_bad_sampling_settings_are_refused(offline_model, bad):
+    with pytest.raises(ValueError, match=list(bad)[0]):
+        generate(offline_model, torch.tensor([[50256]]), 3, **bad)
 
 
 def test_greedy_and_seeded(offline_model):
@@ -43,41 +56,67 @@ def test_greedy_and_seeded(offline_model):
     a = generate(offline_model, idx, 12, temperature=0.9, top_p=0.9, seed=7)
     assert a == generate(offline_model, idx, 12, temperature=0.9, top_p=0.9, seed=7)
     assert a != generate(offline_model, idx, 12, temperature=0.9, top_p=0.9, seed=8)
+    assert len({tuple(r) for r in a}) > 1  # rows draw independently
     g = generate(offline_model, idx, 12, temperature=0)
     assert g[0] == g[1] == g[2]
 
 
-def test_stops_at_end_of_text(offline_model):
-    # a prefix that makes <|endoftext|> certain: every sample stops at once and returns no tokens
-    class Stop(torch.nn.Module):
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
+class EndsAt(torch.nn.Module):
+    """The offline model, but row r is forced to write <|endoftext|> at its step stop[r] (and token 11 before)."""
 
-        def forward(self, idx, kv_cache=None, last_only=False):
-            logits = self.model(idx, kv_cache, last_only)
-            logits[..., 50256] = 1e4
-            return logits
+    def __init__(self, model, stop):
+        super().__init__()
+        self.model, self.stop, self.step = model, stop, 0
+        self.config = model.config
 
-        @property
-        def config(self):
-            return self.model.config
-
-    out = generate(Stop(offline_model), torch.tensor([[50256, 464]] * 2), 10, temperature=1.0, seed=0)
-    assert out == [[], []]
+    def forward(self, idx, kv_cache=None, real=None):
+        logits = self.model(idx, kv_cache, real)
+        for row, s in enumerate(self.stop):
+            logits[row, -1] = -1e4
+            logits[row, -1, 50256 if self.step >= s else 11] = 1e4
+        self.step += 1
+        return logits
 
 
-def test_prefix_rides_in_the_cache(offline_model):
+def test_rows_stop_at_their_own_end_of_text(offline_model):
+    out = generate(EndsAt(offline_model, [0, 3, 6, 100]), torch.tensor([[50256, 464]] * 4), 8, temperature=1.0, seed=0)
+    assert out == [[], [11] * 3, [11] * 6, [11] * 8]
+
+
+def test_max_new_tokens_zero_and_the_context_end(offline_model):
+    n = offline_model.config.n_positions
+    assert generate(offline_model, torch.tensor([[50256, 464]]), 0) == [[]]
+    # a prompt that leaves room for 5 positions: 5 fed back + the last one sampled = 6 new tokens, not 50
+    idx = torch.randint(0, 50257, (1, n - 5))
+    assert len(generate(offline_model, idx, 50, temperature=0, eot=None)[0]) == 6
+    full = torch.randint(0, 50257, (1, n))  # filling the context: one token, read off the last logits
+    assert len(generate(offline_model, full, 50, temperature=0, eot=None)[0]) == 1
+    with pytest.raises(ValueError, match="exceed the context"):
+        generate(offline_model, torch.randint(0, 50257, (1, n + 1)), 5)
+
+
+def test_prefix_rides_in_the_cache_and_is_left_as_it_was(offline_model):
     torch.manual_seed(0)
     prefix = KVPrefix(offline_model.config, 2, 5)
     with torch.no_grad():
         prefix.table_.normal_()
     idx = torch.tensor([[50256, 464, 3290]])
     cache = prefix.cache(offline_model, label_weights(2, label=0))
-    assert cache.length == 5
-    out = generate(offline_model, idx, 8, kv_cache=cache, temperature=0, eot=-1)
-    assert cache.length == 5 + 3 + 7  # the prefix, the prompt, and every sampled token but the last
+    k0 = cache.layers[0][0].clone()
+    out = generate(offline_model, idx, 8, kv_cache=cache, temperature=0, eot=None)
+    assert cache.length == 5 and torch.equal(cache.layers[0][0], k0) and cache.real is None  # untouched
+    assert generate(offline_model, idx, 8, kv_cache=cache, temperature=0, eot=None) == out  # reusable
     # and the prefix is in the cache only once: the same tokens as the one-shot forward of prompt + samples
     with torch.no_grad():
         full = offline_model(torch.tensor([idx[0].tolist() + out[0]]), prefix.cache(offline_model, label_weights(2, label=0)))
     assert full[0, 2:2 + 8].argmax(-1).tolist() == out[0]
+    assert out != generate(offline_model, idx, 8, temperature=0, eot=None)  # the prefix changed the text
+
+
+def test_prompts_of_different_lengths_decode_as_they_would_alone(offline_model):
+    tok = Tokenizer()
+    prompts = [[tok.eot] + tok.encode(p) for p in ("The food", "I went to see this film because it", "")]
+    idx, real = pad_left(prompts)
+    assert real.sum(1).tolist() == [len(p) for p in prompts]
+    batched = generate(offline_model, idx, 30, real=real, temperature=0, eot=None)
+    assert batched == [generate(offline_model, torch.tensor([p]), 30, temperature=0, eot=None)[0] for p in prompts]

@@ -147,20 +147,41 @@ def test_dtype_on_disk_and_asked(tmp_path):
     assert all(p.dtype == torch.bfloat16 for p in GPT2.from_pretrained(folder, dtype=torch.bfloat16).parameters())
 
 
-def test_static_cache_matches_growing_cache(offline_model):
-    """The fixed-buffer cache that CUDA-graph decoding uses: same logits as the growing one, and generate
-    through it (eagerly here; replayed as a graph on a GPU) gives the same tokens."""
-    from minprefix.gpt2 import StaticKVCache
-    idx = torch.randint(0, 50257, (2, 16))
-    prefix = KVCache([(torch.randn(2, 4, 3, 64), torch.randn(2, 4, 3, 64)) for _ in range(8)])
+def test_config_refuses_variants_it_does_not_implement():
+    from minprefix.gpt2 import config_from_hf
+    base = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=100, n_positions=16)
+    assert config_from_hf(dict(base, activation_function="gelu_pytorch_tanh", n_inner=128)).n_embd == 32
+    for field, value in [("activation_function", "relu"), ("n_inner", 100), ("scale_attn_weights", False),
+                         ("scale_attn_by_inverse_layer_idx", True), ("add_cross_attention", True),
+                         ("tie_word_embeddings", False)]:
+        with pytest.raises(ValueError, match=f"cfg.json: {field}={value!r} is a GPT-2 variant"):
+            config_from_hf(dict(base, **{field: value}), "cfg.json")
+
+
+def test_folder_is_recorded_as_an_absolute_path(tmp_path, monkeypatch):
+    folder = tiny_folder(tmp_path / "model")
+    monkeypatch.chdir(tmp_path)
+    model = GPT2.from_pretrained("model")
+    assert model.name_or_path == str(tmp_path / "model")
+    monkeypatch.chdir("/")  # a prefix trained on it names a folder that loads from anywhere
+    assert GPT2.from_pretrained(model.name_or_path).config == model.config
+
+
+def test_prompt_longer_than_the_context(tmp_path):
+    model = GPT2.from_pretrained(tiny_folder(tmp_path))  # n_positions 16
+    with pytest.raises(ValueError, match="10 cached \\+ 7 new positions exceed the context of 16"):
+        model(torch.zeros(1, 7, dtype=torch.long), KVCache([(torch.zeros(1, 2, 10, 8),) * 2]))
+    with pytest.raises(ValueError, match="0 cached \\+ 17 new positions exceed the context of 16"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_left_padding_gives_each_row_its_own_logits(offline_model):
+    """Prompts of different lengths share a batch, padded on the left: each row's logits are its logits alone."""
+    from minprefix.generate import pad_left
+    prompts = [[50256, 464, 3290, 373, 257], [50256, 40], [50256, 1212, 2646]]
+    idx, real = pad_left(prompts)
     with torch.no_grad():
-        growing = KVCache(list(prefix.layers))
-        static = StaticKVCache(prefix, offline_model.config, 2, 3 + 16, "cpu")
-        a = [offline_model(idx[:, :9], growing)] + [offline_model(idx[:, t:t + 1], growing) for t in range(9, 16)]
-        b = [offline_model(idx[:, :9], static)] + [offline_model(idx[:, t:t + 1], static) for t in range(9, 16)]
-    assert int(static.pos) == growing.length == 19
-    assert (torch.cat(a, 1) - torch.cat(b, 1)).abs().max().item() <= TOL
-    tok = Tokenizer()
-    prompt = torch.tensor([[tok.eot] + tok.encode("The labs were")])
-    assert generate(offline_model, prompt, 15, temperature=0, cuda_graph=True) == \
-        generate(offline_model, prompt, 15, temperature=0, cuda_graph=False)
+        batched = offline_model(idx, None, real)
+        for row, p in enumerate(prompts):
+            alone = offline_model(torch.tensor([p]))[0]
+            assert (batched[row, -len(p):] - alone).abs().max().item() <= 1e-5

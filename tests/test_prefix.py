@@ -1,9 +1,8 @@
 """The prefix: parity with PEFT's prefix-tuning, gradients, mixing, positions, checkpoints."""
 import pytest
 import torch
-import torch.nn.functional as F
 
-from minprefix import GPT2, Tokenizer
+from minprefix import GPT2, KVCache, Tokenizer
 from minprefix.prefix import EmbeddingPrefix, KVPrefix, label_weights, load_prefix, make_prefix, save_prefix
 from minprefix.trainer import build_prefix, prefix_loss
 
@@ -85,26 +84,53 @@ def test_only_the_prefix_learns(offline_model, mode, mlp):
     assert any(not torch.equal(v, start[k]) for k, v in prefix.state_dict().items())
 
 
-@pytest.mark.parametrize("mode,mlp", [("kv", False), ("kv", True), ("embedding", False)])
-def test_mixing(offline_model, mode, mlp):
+def expected_kv(table, weights, config):
+    """The mixed keys and values, read off the (n_labels, P, L*2*C) table by hand in PEFT's layout: for layer i,
+    columns [2iC, 2iC+C) are the keys of all heads, [2iC+C, 2iC+2C) the values; head h is D columns of those."""
+    C, H = config.n_embd, config.n_head
+    mixed = sum(w * table[n] for n, w in enumerate(weights))  # (P, L*2*C)
+    layers = []
+    for i in range(config.n_layer):
+        k = mixed[:, 2 * i * C:2 * i * C + C].reshape(-1, H, C // H).transpose(0, 1)  # (H, P, D)
+        v = mixed[:, 2 * i * C + C:2 * i * C + 2 * C].reshape(-1, H, C // H).transpose(0, 1)
+        layers.append((k, v))
+    return layers
+
+
+@pytest.mark.parametrize("mlp", [False, True])
+def test_kv_mixing_and_layout(offline_model, mlp):
     torch.manual_seed(0)
-    prefix = make_prefix(mode, offline_model.config, 2, 6, mlp=mlp)
-    if prefix.mlp is None:
+    prefix = make_prefix("kv", offline_model.config, 2, 6, mlp=mlp)
+    if not mlp:
         with torch.no_grad():
             prefix.table_.normal_()
     with torch.no_grad():
-        pos = prefix.cache(offline_model, label_weights(2, label=0)).layers
-        neg = prefix.cache(offline_model, label_weights(2, label=1)).layers
-        for alpha, want in ((1.0, pos), (0.0, neg)):
-            got = prefix.cache(offline_model, label_weights(2, alpha=alpha)).layers
-            assert all(torch.equal(g, w) for gl, wl in zip(got, want) for g, w in zip(gl, wl))  # exactly
         table = prefix.table()
-        mixed = torch.einsum("bn,npw->bpw", label_weights(2, alpha=0.5), table)[0]
-        assert torch.allclose(mixed, (table[0] + table[1]) / 2, atol=1e-6)
-        if mode == "kv":  # the mix of the final key/value tensors is their mean
-            half = prefix.cache(offline_model, label_weights(2, alpha=0.5)).layers
-            assert all(torch.allclose(h, (p + n) / 2, atol=1e-6) for hl, pl, nl in zip(half, pos, neg)
-                       for h, p, n in zip(hl, pl, nl))
+        for weights in ([1.0, 0.0], [0.0, 1.0], [0.3, 0.7], [1.5, -0.5]):
+            got = prefix.cache(offline_model, torch.tensor([weights])).layers
+            want = expected_kv(table, weights, offline_model.config)
+            for (k, v), (wk, wv) in zip(got, want):
+                assert k.shape == (1, 4, 6, 64)
+                tol = 0 if 0.0 in weights else 1e-6  # a pure prefix is its table, exactly
+                assert (k[0] - wk).abs().max() <= tol and (v[0] - wv).abs().max() <= tol
+        pos = prefix.cache(offline_model, label_weights(2, label=0)).layers[3][1]
+        assert torch.equal(prefix.cache(offline_model, label_weights(2, alpha=1.0)).layers[3][1], pos)
+        assert not torch.equal(prefix.cache(offline_model, label_weights(2, alpha=0.0)).layers[3][1], pos)
+
+
+def test_embedding_mixing_mixes_the_vectors(offline_model):
+    """The soft prompt is mixed before the model, so its keys and values are the model's on the mixed vectors."""
+    torch.manual_seed(0)
+    prefix = make_prefix("embedding", offline_model.config, 2, 4)
+    with torch.no_grad():
+        prefix.table_.normal_(0, 0.1)
+        mixed = 0.25 * prefix.table_[0] + 0.75 * prefix.table_[1]  # (P, C)
+        want = KVCache()
+        offline_model.hidden(mixed[None], want)
+        got = prefix.cache(offline_model, label_weights(2, alpha=0.25))
+    assert got.length == 4
+    for (k, v), (wk, wv) in zip(got.layers, want.layers):
+        assert (k - wk).abs().max() <= 1e-6 and (v - wv).abs().max() <= 1e-6
 
 
 def test_three_labels_mix_by_one_weight_each(offline_model):
@@ -169,21 +195,3 @@ def test_corrupt_checkpoint(offline_model, tmp_path, damage):
 def test_missing_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="train one with train.py"):
         load_prefix(tmp_path / "nothing.safetensors")
-
-
-def test_fused_lm_head_loss_matches_cross_entropy(offline_model):
-    prefix = random_kv_prefix(offline_model, P=4, mlp=True)
-    idx = torch.randint(0, 50257, (2, 12))
-    targets = torch.randint(0, 50257, (2, 12))
-    targets[1, 7:] = -100  # padding
-    labels = torch.tensor([0, 1])
-    loss = prefix_loss(offline_model, prefix, idx, targets, labels)
-    loss.backward()
-    fused = [p.grad.clone() for p in prefix.parameters()]
-    prefix.zero_grad()
-    logits = offline_model(idx, prefix.cache(offline_model, F.one_hot(labels, 2).float()))
-    plain = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
-    plain.backward()
-    assert abs(loss.item() - plain.item()) < 1e-5
-    for a, p in zip(fused, prefix.parameters()):
-        assert torch.allclose(a, p.grad, rtol=1e-4, atol=1e-7)

@@ -1,0 +1,193 @@
+"""The fast path (minprefix/fast.py) against the reference it replaces: logits, loss and gradients, greedy and
+sampled tokens. Float32; the tolerances are the issue's (1e-5) and tokens must be identical."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minprefix import GPT2, Tokenizer, fast
+from minprefix.generate import generate, pad_left
+from minprefix.prefix import KVPrefix, label_weights
+from minprefix.trainer import lm_loss, prefix_loss
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def fast_model(offline_model_dir):
+    return fast.accelerate(GPT2.from_pretrained(offline_model_dir).requires_grad_(False))
+
+
+@pytest.fixture(autouse=True)
+def two_threads():
+    """SplitKLinear splits over the threads; with one it would fall back to nn.Linear and test nothing."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def prefix(offline_model):
+    torch.manual_seed(0)
+    p = KVPrefix(offline_model.config, 2, 6, mlp=True)
+    return p
+
+
+def prompts():
+    tok = Tokenizer()
+    return [[tok.eot] + tok.encode(t) for t in ("The lectures were", "I went to see this film because my friend", "")]
+
+
+def test_the_fast_pieces_are_in_place(fast_model, offline_model):
+    assert type(fast_model.h[0].attn.c_attn) is fast.SplitKLinear and type(offline_model.h[0].attn.c_attn) is torch.nn.Linear
+    assert fast_model.lm_head.weight is fast_model.wte.weight and fast_model.wte.weight.t().is_contiguous()
+    assert all(torch.equal(a, b) for a, b in zip(fast_model.state_dict().values(), offline_model.state_dict().values()))
+
+
+@pytest.mark.parametrize("rows", [1, 8, 40])  # 1 and 8: split over the cores; 40: nn.Linear on the new layout
+def test_logits(fast_model, offline_model, rows):
+    torch.manual_seed(rows)
+    idx = torch.randint(0, 50257, (rows, 1)) if rows <= 8 else torch.randint(0, 50257, (2, rows // 2))
+    with torch.no_grad():
+        d = (fast_model(idx) - offline_model(idx)).abs().max().item()
+    print(f"rows {rows}: max |dlogit| {d:.1e}")
+    assert d <= TOL
+
+
+def test_split_k_linear_equals_linear_on_gpt2_small_shapes():
+    torch.manual_seed(0)
+    for out_f, in_f in ((2304, 768), (768, 3072), (50257, 768)):
+        ref = torch.nn.Linear(in_f, out_f, bias=out_f != 50257)
+        fast_linear = torch.nn.Linear(in_f, out_f, bias=out_f != 50257)
+        fast_linear.load_state_dict(ref.state_dict())
+        fast_linear.__class__ = fast.SplitKLinear
+        fast_linear.weight.data = fast_linear.weight.data.t().contiguous().t()
+        x = torch.randn(3, 1, in_f)
+        with torch.no_grad():
+            assert (fast_linear(x) - ref(x)).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("mlp", [False, True])
+def test_loss_and_prefix_gradients(fast_model, offline_model, mlp):
+    torch.manual_seed(1)
+    p = KVPrefix(offline_model.config, 2, 5, mlp=mlp)
+    if not mlp:
+        with torch.no_grad():
+            p.table_.normal_(0, 0.5)
+    idx, targets = torch.randint(0, 50257, (2, 16)), torch.randint(0, 50257, (2, 16))
+    targets[1, 9:] = -100  # padding
+    labels = torch.tensor([0, 1])
+    got = []
+    for model, loss in ((offline_model, lm_loss), (fast_model, fast.lm_loss)):
+        p.zero_grad()
+        value = prefix_loss(model, p, idx, targets, labels, loss)
+        value.backward()
+        got.append((value.item(), [q.grad.clone() for q in p.parameters()]))
+    (ref_loss, ref_grads), (fast_loss, fast_grads) = got
+    d = max((a - b).abs().max().item() for a, b in zip(ref_grads, fast_grads))
+    print(f"|dloss| {abs(ref_loss - fast_loss):.1e}, max |dgrad| {d:.1e} (grads up to {max(g.abs().max().item() for g in ref_grads):.1e})")
+    assert abs(ref_loss - fast_loss) <= TOL and d <= TOL
+
+
+def test_loss_gradient_reaches_wte_when_it_is_trained(offline_model_dir):
+    """Fine-tuning trains wte, which is also the lm_head: the fast loss must give it the reference's gradient."""
+    model = GPT2.from_pretrained(offline_model_dir)  # every weight trainable, the reference layout
+    idx, targets = torch.randint(0, 50257, (2, 12)), torch.randint(0, 50257, (2, 12))
+    targets[0, :4] = -100
+    grads = []
+    for loss in (lm_loss, fast.lm_loss):
+        model.zero_grad()
+        loss(model, idx, targets).backward()
+        grads.append({n: q.grad.clone() for n, q in model.named_parameters()})
+    for name in grads[0]:
+        d = (grads[0][name] - grads[1][name]).abs().max().item()
+        assert d <= TOL, f"{name}: max |dgrad| {d:.1e}"
+    assert grads[1]["wte.weight"].abs().sum() > 0
+
+
+def test_loss_refuses_targets_out_of_range(fast_model):
+    idx = torch.randint(0, 50257, (1, 4))
+    for bad in (-1, 50257):
+        targets = torch.tensor([[5, bad, 7, -100]])
+        with pytest.raises(IndexError):
+            F.cross_entropy(torch.zeros(4, 50257), targets[0])  # what the reference does
+        with pytest.raises(IndexError, match=f"target {bad} is out of bounds"):
+            fast.lm_loss(fast_model, idx, targets)
+
+
+@pytest.mark.parametrize("static", [False, True])  # True: the GPU's StaticKVCache step, run eagerly here
+def test_greedy_tokens_over_64_steps(fast_model, offline_model, prefix, static):
+    idx, real = pad_left(prompts())
+    with torch.no_grad():
+        weights = label_weights(2, alpha=0.7).repeat(3, 1)
+        ref_cache, fast_cache = prefix.cache(offline_model, weights), prefix.cache(fast_model, weights)
+    ref = generate(offline_model, idx, 64, kv_cache=ref_cache, real=real, temperature=0, eot=None)
+    got = fast.generate(fast_model, idx, 64, kv_cache=fast_cache, real=real, temperature=0, eot=None,
+                        cuda_graph=static)
+    assert all(len(r) == 64 for r in ref) and got == ref
+    assert fast_cache.length == 6 and fast_cache.real is None  # the caller's cache is left as it was
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_sampled_tokens_for_a_seed(fast_model, offline_model, prefix, static):
+    idx, real = pad_left(prompts())
+    with torch.no_grad():
+        weights = label_weights(2, label=0).repeat(3, 1)
+        caches = prefix.cache(offline_model, weights), prefix.cache(fast_model, weights)
+    kw = dict(real=real, temperature=0.9, top_k=200, top_p=0.95, seed=11, eot=None)
+    ref = generate(offline_model, idx, 48, kv_cache=caches[0], **kw)
+    assert fast.generate(fast_model, idx, 48, kv_cache=caches[1], cuda_graph=static, **kw) == ref
+    assert ref != generate(offline_model, idx, 48, kv_cache=caches[0], **dict(kw, seed=12))
+
+
+def test_static_cache_at_the_context_edges(fast_model, offline_model):
+    n = offline_model.config.n_positions
+    kw = dict(temperature=0, eot=None, cuda_graph=True)
+    assert fast.generate(fast_model, torch.tensor([[50256, 464]]), 0, **kw) == [[]]
+    assert fast.generate(fast_model, torch.tensor([[50256, 464]]), 1, **kw) == \
+        generate(offline_model, torch.tensor([[50256, 464]]), 1, temperature=0, eot=None)
+    idx = torch.randint(0, 50257, (1, n - 3))
+    assert fast.generate(fast_model, idx, 50, **kw) == generate(offline_model, idx, 50, temperature=0, eot=None)
+    assert len(fast.generate(fast_model, idx, 50, **kw)[0]) == 4
+    full = torch.randint(0, 50257, (1, n))
+    assert len(fast.generate(fast_model, full, 5, **kw)[0]) == 1
+    with pytest.raises(ValueError, match="exceed the context"):
+        fast.generate(fast_model, torch.randint(0, 50257, (1, n + 1)), 5, **kw)
+
+
+def test_reference_switch(monkeypatch):
+    for value, on in (("1", False), ("true", False), ("0", True), ("", True)):
+        monkeypatch.setenv("MINPREFIX_REFERENCE", value)
+        assert fast.enabled() is on
+    monkeypatch.delenv("MINPREFIX_REFERENCE")
+    assert fast.enabled()
+
+
+# ---- on a GPU (run where one is present; skipped on a CPU, and not counted as coverage there) ----
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+def test_cuda_graph_tokens_equal_eager(offline_model_dir):
+    model = GPT2.from_pretrained(offline_model_dir, device="cuda").requires_grad_(False)
+    idx, real = pad_left(prompts(), device="cuda")
+    eager = fast.generate(model, idx, 64, real=real, temperature=0, eot=None, cuda_graph=False)
+    assert fast.generate(model, idx, 64, real=real, temperature=0, eot=None, cuda_graph=True) == eager
+    reference = generate(model, idx, 64, real=real, temperature=0, eot=None)
+    assert reference == eager
+    kw = dict(real=real, temperature=0.9, top_p=0.9, seed=5, eot=None)
+    assert fast.generate(model, idx, 48, cuda_graph=True, **kw) == generate(model, idx, 48, **kw)
+    n = model.config.n_positions
+    full = torch.randint(0, 50257, (1, n), device="cuda")
+    assert len(fast.generate(model, full, 5, temperature=0, eot=None)[0]) == 1
+    assert fast.generate(model, idx, 0, real=real) == [[], [], []]
+    with pytest.raises(ValueError, match="exceed the context"):
+        fast.generate(model, torch.randint(0, 50257, (1, n + 1), device="cuda"), 5)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_cuda_graph_on_a_second_gpu(offline_model_dir):
+    model = GPT2.from_pretrained(offline_model_dir, device="cuda:1").requires_grad_(False)
+    idx = torch.tensor([prompts()[1]], device="cuda:1")
+    assert fast.generate(model, idx, 32, temperature=0, eot=None) == generate(model, idx, 32, temperature=0, eot=None)
