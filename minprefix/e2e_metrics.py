@@ -2,8 +2,10 @@
 
 measure_scores.py reads one output per line and one list of references per input (every line `.strip()`ped) and
 reports BLEU and NIST from MTEval and METEOR, ROUGE-L and CIDEr from the MS-COCO caption scripts. We follow its
-`-p` path for BLEU and NIST, its own Python port metrics/pymteval.py (BLEUScore, NISTScore), and its bundled
-pycocoevalcap for ROUGE-L and CIDEr. METEOR is left out: it needs Java and METEOR 1.5's paraphrase tables.
+`-p` path for BLEU and NIST, its own Python port metrics/pymteval.py (BLEUScore, NISTScore), as the prefix-tuning
+paper's code does (`measure_scores.py gold pred -p -t -H`), and its bundled pycocoevalcap for ROUGE-L and CIDEr.
+METEOR is left out: it needs Java and METEOR 1.5's paraphrase tables. Its CSV/TSV reader also repairs
+mis-encoded '£' and 'é'; the strings given here are taken as they are.
 
 BLEU and NIST (pymteval). Each text is tokenized as mteval-v13a's basic normalization (`tokenize_13a`, the same
 regexes), split on single spaces, so an empty text is one empty token, and n-grams are lowercased (case_sensitive
@@ -14,8 +16,9 @@ count_X(g) the count of n-gram g in X, summed over the corpus:
     m_n  = sum_s sum_g min(count_hyp(g), max_{r in R_s} count_r(g)),   t_n = sum_s (c_s - n + 1)
     BP   = exp(1 - r / c) if c <= r else 1,   c = t_1 (1e-5 if 0),   r = sum_s |closest ref| (tie: the shorter)
 
-so no smoothing: an order without matches gives log(1e-15), not sacrebleu's 'exp' smoothing, and t_n can go
-negative when hypotheses are shorter than n (sacrebleu and the Perl script count 0).
+so no smoothing: an order without matches gives log(1e-15), not sacrebleu's 'exp' smoothing, and a segment
+shorter than n - 1 tokens adds a negative count to t_n (sacrebleu and the Perl script add 0), which can even push
+BLEU above 1 on a corpus of very short hypotheses.
 
     NIST = BP_N * sum_{n=1..5} ( sum_s sum_g info(g) * min(count_hyp(g), max_r count_r(g)) ) / t_n
     info(w_1..w_n) = log2( C(w_1..w_{n-1}) / C(w_1..w_n) ),  C = counts over all references of the corpus
@@ -24,8 +27,9 @@ negative when hypotheses are shorter than n (sacrebleu and the Perl script count
 
 (0 when c = 0). L averages each segment's own references; mteval-v13a-sig.pl, which measure_scores.py runs
 without -p, divides the total reference length by the corpus-wide mean number of references per segment
-instead, which differs when segments have different numbers of references (pymteval's docstring says so). The
-Perl script also smooths BLEU like sacrebleu's 'exp' and counts max(0, c_s - n + 1).
+instead, which differs when segments have different numbers of references (pymteval's docstring says so; on
+E2E corpora we saw 0.0004 to 0.015 NIST). The Perl script also smooths BLEU like sacrebleu's 'exp' and counts
+max(0, c_s - n + 1) n-grams.
 
 ROUGE-L and CIDEr (pycocoevalcap, as bundled and as on PyPI: the same arithmetic). Texts first go through the
 Stanford PTBTokenizer (CoreNLP 3.4.1, -lowerCase -preserveLines), then the tokens in PUNCTUATIONS are dropped;
@@ -42,8 +46,8 @@ and per order n the tf-idf vector v_n(x)[g] = count_x(g) * (ln N - ln max(1, df(
     CIDEr(h) = 10/|R| * sum_{r in R} (1/4) sum_{n=1..4} e^(-(l_h - l_r)^2 / (2 * 6^2)) *
                sum_g min(v_n(h)[g], v_n(r)[g]) v_n(r)[g] / (|v_n(h)| |v_n(r)|)     (the division skipped if a norm is 0)
 
-where l_x is the number of bigrams in x (the scorer's 'length' counts order-2 terms: |x| - 1, 0 when empty),
-and corpus CIDEr = mean over hypotheses.
+where l_x is the number of words in x (the scorer counts bigrams, max(|x| - 1, 0): the same differences except
+where a text is empty, and then the cosine is 0 anyway), and corpus CIDEr = mean over hypotheses.
 """
 import math
 import re
@@ -230,12 +234,12 @@ def coco_cider(hypotheses: list[str], references: list[list[str]], tokenize: boo
     _check(hypotheses, references)
     tok = ptb_tokenize if tokenize else (lambda s: s)
 
-    def counts(text):  # all n-grams, n = 1..4, and the scorer's 'length': the number of bigrams
+    def counts(text):  # all n-grams, n = 1..4, and the length
         words = tok(text).split()
         grams = Counter()
         for n in range(1, CIDER_ORDER + 1):
             grams.update(_grams(words, n))
-        return grams, max(len(words) - 1, 0)
+        return grams, len(words)
 
     hyps = [counts(h) for h in hypotheses]
     refs = [[counts(r) for r in rs] for rs in references]
@@ -266,8 +270,13 @@ def coco_cider(hypotheses: list[str], references: list[list[str]], tokenize: boo
 
 def e2e_scores(hypotheses: list[str], references: list[list[str]]) -> dict[str, float]:
     """BLEU (0-100), NIST, ROUGE-L (0-100) and CIDEr as the E2E challenge's measure_scores.py reports them
-    (its pymteval path for BLEU and NIST), on the scales of the prefix-tuning paper's table. No METEOR."""
+    (its pymteval path for BLEU and NIST), on the scales of the prefix-tuning paper's table. No METEOR.
+
+    references[i] holds the references of hypotheses[i]: for E2E, all the texts of one table (the paper's
+    generation script writes 'Error' in place of an empty output before scoring; here '' is scored as it is).
+    """
     _check(hypotheses, references)
     hyps, refs = [ptb_tokenize(h) for h in hypotheses], [[ptb_tokenize(r) for r in rs] for rs in references]
     bleu, nist = _mteval(hypotheses, references)
-    return {'bleu': 100 * bleu, 'nist': nist, 'rouge_l': 100 * coco_rouge_l(hyps, refs, tokenize=False), 'cider': coco_cider(hyps, refs, tokenize=False)}
+    return {'bleu': 100 * bleu, 'nist': nist, 'rouge_l': 100 * coco_rouge_l(hyps, refs, tokenize=False),
+            'cider': coco_cider(hyps, refs, tokenize=False)}

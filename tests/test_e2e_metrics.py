@@ -100,8 +100,8 @@ EDGE = {  # small corpora, already tokenized as the PTBTokenizer leaves them
     'empty hypothesis': (['', 'the cat sat on the mat', 'a dog'],
                          [['the cat', 'a cat sat'], ['the cat sat on the mat'], ['a dog barks']]),
     'single references': (['a b c', 'b c d e', 'x'], [['a b c d'], ['e d c b'], ['x y']]),
-    # one word against a two-word reference and an empty one against a one-word one: the 'length' of the
-    # Gaussian penalty counts bigrams, so these differ from a word count
+    # the scorer's length counts bigrams, max(words - 1, 0): only an empty text makes that differ from a word
+    # count, and then the cosine is 0 anyway
     'one-word hypotheses': (['x', 'y', ''], [['x z', 'x'], ['y'], ['q']]),
     'repeated words (clipping)': (['the the the the', 'cat cat'], [['the cat', 'the the dog'], ['a cat']]),
     'one table': (['the cat sat'], [['the cat sat', 'a cat']]),  # ln N = 0: every CIDEr weight is 0
@@ -133,7 +133,7 @@ def test_rouge_l_by_hand():
 def test_cider_d_by_hand():
     # Two tables, so ln N = ln 2; every n-gram occurs in one table's references: weight tf * ln 2.
     # Table 1, 'a b' vs 'a b c': unigram cosine 2/(sqrt 2 sqrt 3), bigram 1/(1 * sqrt 2), no 3- or 4-grams in the
-    # hypothesis: 0; bigram counts 1 vs 2 give the penalty e^(-1/72). Table 2, 'z' vs 'z': unigram cosine 1.
+    # hypothesis: 0; lengths 2 vs 3 give the penalty e^(-1/72). Table 2, 'z' vs 'z': unigram cosine 1.
     first = 10 / 4 * (2 / math.sqrt(6) + 1 / math.sqrt(2)) * math.exp(-1 / 72)
     second = 10 / 4 * 1.0
     assert close(coco_cider(['a b', 'z'], [['a b c'], ['z']]), (first + second) / 2)
@@ -148,7 +148,7 @@ def test_cider_d_by_hand():
 def sacrebleu_lowercase(hyps, refs):
     k = max(len(r) for r in refs)
     streams = [[r[j] if j < len(r) else None for r in refs] for j in range(k)]
-    return sacrebleu.corpus_bleu(hyps, streams, lowercase=True)
+    return sacrebleu.corpus_bleu(hyps, streams, lowercase=True, force=True)  # force: E2E text is tokenized
 
 
 @pytest.mark.parametrize('case', ['first', 'dropped'])
