@@ -1,4 +1,14 @@
-"""The sentiment data: JSON Lines of {"text": ..., "sentiment": ...}, checked line by line, tokenized and batched."""
+"""The data, checked line by line, tokenized and batched. Two kinds of example:
+
+  labelled text    JSON Lines {"text", "sentiment"}: one prefix per label learns to write that label's texts
+  source -> text   E2E's `table||text` lines (the prefix-tuning paper's files, plain or .gz) or JSON Lines
+                   {"source", "text"}: one task prefix learns to write the text given the source
+
+Both become one token sequence and the index where the loss starts: the model is trained on every token from
+there on, and the tokens before it are only context.
+"""
+import gzip
+import hashlib
 import json
 import warnings
 from dataclasses import dataclass
@@ -6,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 LABEL_ORDER = ("positive", "negative")  # positive -> 0, negative -> 1; any other label follows in order of appearance
+TASK_LABEL = "task"  # the one label of a source -> text prefix
 
 
 @dataclass
@@ -13,32 +24,73 @@ class Example:
     text: str
     label: str
     where: str  # "file:line", for messages
+    source: str = None  # the table (or other input) a source -> text example is conditioned on
 
 
-def read_jsonl(path, labels=None):
-    """-> examples. labels: the allowed ones (e.g. those a prefix was trained on); None allows any."""
-    examples = []
-    with open(path, encoding="utf-8") as f:
+def _lines(path):
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
         for n, line in enumerate(f, start=1):
-            where = f"{path}:{n}"
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected an object with 'text' and 'sentiment', got {type(row).__name__}")
-            for field in ("text", "sentiment"):
-                if field not in row:
-                    raise ValueError(f"{where}: missing field '{field}'")
-                if not isinstance(row[field], str):
-                    raise ValueError(f"{where}: field '{field}' must be a string, got {type(row[field]).__name__}")
-            if not row["text"].strip():
-                raise ValueError(f"{where}: empty text")
+            if line.strip():
+                yield f"{path}:{n}", line
+
+
+def read_data(path, labels=None):
+    """Any of the formats above, told apart by the file: .jsonl with "source" -> source -> text; other .jsonl ->
+    labelled text; anything else -> E2E's table||text lines. labels: the allowed ones (labelled text)."""
+    if str(path).endswith((".jsonl", ".jsonl.gz")):
+        first = next(_lines(path), (None, "{}"))[1]
+        try:
+            conditional = "source" in json.loads(first)
+        except json.JSONDecodeError:
+            conditional = False  # read_jsonl names the line
+        return read_jsonl(path, conditional=conditional, labels=labels)
+    return read_table_text(path)
+
+
+def read_jsonl(path, labels=None, conditional=False):
+    """-> examples. conditional: rows {"source", "text"}; else {"text", "sentiment"} with the label in labels."""
+    fields = ("source", "text") if conditional else ("text", "sentiment")
+    examples = []
+    for where, line in _lines(path):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: expected an object with {' and '.join(repr(f) for f in fields)}, "
+                             f"got {type(row).__name__}")
+        for field in fields:
+            if field not in row:
+                raise ValueError(f"{where}: missing field '{field}'")
+            if not isinstance(row[field], str):
+                raise ValueError(f"{where}: field '{field}' must be a string, got {type(row[field]).__name__}")
+            if not row[field].strip():
+                raise ValueError(f"{where}: empty {field}")
+        if conditional:
+            examples.append(Example(row["text"].strip(), TASK_LABEL, where, row["source"].strip()))
+        else:
             if labels is not None and row["sentiment"] not in labels:
                 raise ValueError(f"{where}: unknown sentiment {row['sentiment']!r}; known: {', '.join(labels)}")
             examples.append(Example(row["text"].strip(), row["sentiment"], where))
+    if not examples:
+        raise ValueError(f"{path}: no examples")
+    return examples
+
+
+def read_table_text(path):
+    """E2E as the paper's code reads it: `table||text` per line, the table `field : value | field : value ...`."""
+    examples = []
+    for where, line in _lines(path):
+        parts = line.rstrip("\n").split("||")
+        if len(parts) != 2:
+            raise ValueError(f"{where}: expected one 'table||text' pair, found {len(parts) - 1} '||' separators")
+        table, text = (p.strip() for p in parts)
+        if not table:
+            raise ValueError(f"{where}: empty table before '||'")
+        if not text:
+            raise ValueError(f"{where}: empty text after '||'")
+        examples.append(Example(text, TASK_LABEL, where, table))
     if not examples:
         raise ValueError(f"{path}: no examples")
     return examples
@@ -49,34 +101,69 @@ def label_names(examples):
     return [l for l in LABEL_ORDER if l in seen] + [l for l in seen if l not in LABEL_ORDER]
 
 
+def source_prompt(tokenizer, source):
+    """The paper's layout of the input: ` {source} ` then <|endoftext|>, after which the text is written."""
+    return tokenizer.encode(f" {source} ") + [tokenizer.eot]
+
+
 def encode(examples, tokenizer, labels, max_tokens):
-    """-> [(tokens, label id)], tokens = <|endoftext|> text <|endoftext|>: the first token is the context the
-    text starts from, the last teaches the model to stop. max_tokens: room left in the context by the prefix."""
+    """-> [(tokens, start, label id)]: the loss covers tokens[start:].
+
+    labelled text:   <|endoftext|> text <|endoftext|>, start 1: the first token is only the context to start from
+    source -> text:  ` {source} ` <|endoftext|> ` {text} ` <|endoftext|> (the paper's code), start after the first
+                     <|endoftext|>: the loss covers the text and its closing <|endoftext|>, never the source.
+    max_tokens: room left in the context by the prefix; longer texts are cut, with a warning."""
     items = []
     for e in examples:
-        ids = tokenizer.encode(e.text)
-        if len(ids) + 1 > max_tokens:
-            keep = max_tokens - 1
-            warnings.warn(f"{e.where}: text of {len(ids)} tokens truncated to {keep} to fit the context")
-            ids = ids[:keep]
-            items.append(([tokenizer.eot] + ids, labels.index(e.label)))  # cut mid-text: no end token to learn
-        else:
-            items.append(([tokenizer.eot] + ids + [tokenizer.eot], labels.index(e.label)))
+        head = [tokenizer.eot] if e.source is None else source_prompt(tokenizer, e.source)
+        text = tokenizer.encode(e.text if e.source is None else f" {e.text} ")
+        if len(head) >= max_tokens - 1:
+            raise ValueError(f"{e.where}: the source takes {len(head)} tokens, leaving no room for the text in a "
+                             f"context of {max_tokens} (after the prefix)")
+        ids = head + text + [tokenizer.eot]
+        if len(ids) > max_tokens:
+            keep = max_tokens - len(head)
+            warnings.warn(f"{e.where}: text of {len(text)} tokens truncated to {keep} to fit the context")
+            ids = ids[:max_tokens]  # cut mid-text: no end token to learn
+        items.append((ids, len(head), labels.index(e.label)))
     return items
 
 
-def batches(items, batch_size, shuffle=False, generator=None, pad=50256):
+def tables(examples):
+    """Source -> text examples grouped by identical source, in order of first appearance: [(source, [texts])].
+    E2E's test set is 630 tables with 1 to ~10 human references each; a system writes one text per table."""
+    grouped = {}
+    for e in examples:
+        grouped.setdefault(e.source, []).append(e.text)
+    return list(grouped.items())
+
+
+def batches(items, batch_size, shuffle=False, generator=None, pad=50256, group_by_length=False):
     """-> (idx (B, T), targets (B, T), labels (B,)). Padding goes on the right, where causal attention keeps
-    it out of every real token's view; its targets are -100, which the loss ignores."""
-    order = torch.randperm(len(items), generator=generator).tolist() if shuffle else range(len(items))
-    order = list(order)
+    it out of every real token's view; its targets, and those of the context before `start`, are -100.
+
+    group_by_length: batches of similar lengths, less padding (HF Trainer's group_by_length): the shuffled order
+    is cut into runs of 50 batches and each run sorted longest first, so batches still differ every epoch."""
+    order = torch.randperm(len(items), generator=generator).tolist() if shuffle else list(range(len(items)))
+    if group_by_length:
+        run = 50 * batch_size
+        order = [i for s in range(0, len(order), run)
+                 for i in sorted(order[s:s + run], key=lambda i: -len(items[i][0]))]
     for i in range(0, len(order), batch_size):
         chunk = [items[j] for j in order[i:i + batch_size]]
-        T = max(len(ids) for ids, _ in chunk) - 1
+        T = max(len(ids) for ids, _, _ in chunk) - 1
         idx = torch.full((len(chunk), T), pad, dtype=torch.long)
         targets = torch.full((len(chunk), T), -100, dtype=torch.long)
-        for row, (ids, _) in enumerate(chunk):
+        for row, (ids, start, _) in enumerate(chunk):
             ids = torch.tensor(ids)
             idx[row, :len(ids) - 1] = ids[:-1]
-            targets[row, :len(ids) - 1] = ids[1:]
-        yield idx, targets, torch.tensor([label for _, label in chunk])
+            targets[row, start - 1:len(ids) - 1] = ids[start:]  # position t predicts token t+1
+        yield idx, targets, torch.tensor([label for _, _, label in chunk])
+
+
+def file_digest(path):  # sha256 of a data file's bytes: what a resumed run checks it is given the same data
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

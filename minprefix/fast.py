@@ -70,11 +70,12 @@ def accelerate(model):
 class LMHeadLoss(torch.autograd.Function):
     """cross_entropy(h @ wte.T, targets), targets of -100 ignored, without ever holding the (N, V) logits.
 
-    Forward: one pass over the vocabulary in chunks keeps, per row, a running max m and s = sum exp(logit - m),
-    rescaled when m grows (the online softmax of flash attention); log sum_v exp(logit_v) = m + log s.
-    Backward: a second pass recomputes each chunk's softmax p and gives
-        d loss / d h   = (p @ wte - wte_y) / n
-        d loss / d wte = (p^T @ h - onehot_y^T @ h) / n      (only when wte requires grad: fine-tuning)
+    One pass over the vocabulary in chunks keeps, per row, a running max m, s = sum_v exp(logit_v - m) and
+    acc = sum_v exp(logit_v - m) * wte_v, rescaling all three when m grows (the online softmax of flash
+    attention). Then log sum_v exp(logit_v) = m + log s, and the gradient is there already:
+        d loss / d h   = (softmax @ wte - wte_y) / n = (acc / s - wte_y) / n
+    Only when wte itself is trained (fine-tuning) does backward take a second pass, for
+        d loss / d wte = (softmax^T @ h - onehot_y^T @ h) / n
     On a CPU 16 chunks stay in cache; on a GPU one chunk (16 would be 16 rounds of small kernels). Padding
     never enters the products."""
 
@@ -88,35 +89,36 @@ class LMHeadLoss(torch.autograd.Function):
         h_kept, y = h[keep].float(), targets[keep]  # (n, C), (n,)
         m = torch.full((y.numel(), 1), float("-inf"), device=h.device)
         s = torch.zeros(y.numel(), 1, device=h.device)
+        acc = torch.zeros_like(h_kept) if ctx.needs_input_grad[0] else None
         for w in wte.chunk(_chunks(h)):  # (V/chunks, C)
-            logits = h_kept @ w.float().t()  # (n, V/chunks)
+            w = w.float()
+            logits = h_kept @ w.t()  # (n, V/chunks)
             m_new = torch.maximum(m, logits.max(dim=-1, keepdim=True).values)
-            s = s * (m - m_new).exp() + (logits - m_new).exp().sum(dim=-1, keepdim=True)
+            scale = (m - m_new).exp()
+            p = (logits - m_new).exp_()
+            s = s * scale + p.sum(dim=-1, keepdim=True)
+            if acc is not None:
+                acc = acc * scale + p @ w
             m = m_new
         lse = m + s.log()  # (n, 1): log sum_v exp(logit_v)
-        ctx.save_for_backward(h, wte, keep, y, lse)
-        return (lse[:, 0] - (h_kept * wte[y].float()).sum(dim=-1)).mean()  # mean of -log softmax_y
+        wte_y = wte[y].float()
+        dh_kept = None if acc is None else acc / s - wte_y  # n times d loss / d h
+        ctx.save_for_backward(h, wte, keep, y, lse, dh_kept)
+        return (lse[:, 0] - (h_kept * wte_y).sum(dim=-1)).mean()  # mean of -log softmax_y
 
     @staticmethod
     def backward(ctx, grad):
-        h, wte, keep, y, lse = ctx.saved_tensors
-        want_h, want_wte = ctx.needs_input_grad[:2]
-        h_kept, scale = h[keep].float(), grad / y.numel()
-        dh_kept = -wte[y].float() if want_h else None
-        dwte = []
-        for w in wte.chunk(_chunks(h)):
-            p = (h_kept @ w.float().t() - lse).exp_()  # (n, V/chunks): the softmax, recomputed
-            if want_h:
-                dh_kept += p @ w.float()
-            if want_wte:
-                dwte.append(p.t() @ h_kept)
-        dh = None
-        if want_h:
+        h, wte, keep, y, lse, dh_kept = ctx.saved_tensors
+        scale = grad / y.numel()
+        dh = dwte = None
+        if ctx.needs_input_grad[0]:
             dh = torch.zeros_like(h)
             dh[keep] = (dh_kept * scale).to(h.dtype)
-        if want_wte:
-            dwte = (torch.cat(dwte).index_add_(0, y, h_kept, alpha=-1.0) * scale).to(wte.dtype)
-        return dh, dwte if want_wte else None, None
+        if ctx.needs_input_grad[1]:
+            h_kept = h[keep].float()
+            parts = [(h_kept @ w.float().t() - lse).exp_().t() @ h_kept for w in wte.chunk(_chunks(h))]  # softmax^T h
+            dwte = (torch.cat(parts).index_add_(0, y, h_kept, alpha=-1.0) * scale).to(wte.dtype)
+        return dh, dwte, None
 
 
 def _chunks(h):

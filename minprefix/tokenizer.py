@@ -1,4 +1,6 @@
 """GPT-2's byte-level BPE, through tiktoken."""
+import codecs
+
 import tiktoken
 
 EOT = 50256  # <|endoftext|>: GPT-2's document separator; we use it as the start and the end of every text
@@ -19,3 +21,9 @@ class Tokenizer:
 
     def decode(self, ids):  # list[int] -> str
         return self.enc.decode(list(ids))
+
+    def stream_decoder(self):
+        """-> feed(token) -> the new text it completes. A token can end inside a multi-byte character (an emoji,
+        a Chinese character): its bytes wait until the character is whole, so a stream never shows half of one."""
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        return lambda token: utf8.decode(self.enc.decode_single_token_bytes(token))

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, SHARED
 from minprefix import Tokenizer
 from minprefix.data import batches, encode, label_names, read_jsonl
 
@@ -67,8 +67,46 @@ def test_too_long_text_is_truncated_with_a_warning(tmp_path):
 
 
 def test_batches_pad_right_and_mask_targets():
-    items = [([50256, 1, 2, 3, 50256], 0), ([50256, 7, 50256], 1)]
+    items = [([50256, 1, 2, 3, 50256], 1, 0), ([50256, 7, 50256], 1, 1)]
     (idx, targets, labels), = batches(items, 2)
     assert idx.tolist() == [[50256, 1, 2, 3], [50256, 7, 50256, 50256]]
     assert targets.tolist() == [[1, 2, 3, 50256], [7, 50256, -100, -100]]
     assert labels.tolist() == [0, 1]
+
+
+def write_e2e(tmp_path, lines, name="e2e.txt"):
+    path = tmp_path / name
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_e2e_files_read_as_the_paper_reads_them():
+    from minprefix.data import read_data, tables
+    examples = read_data(SHARED / "data/e2e/test.txt.gz")
+    assert len(examples) == 4693 and examples[0].source.startswith("name : ") and examples[0].label == "task"
+    grouped = tables(examples)
+    assert len(grouped) == 630 and sum(len(refs) for _, refs in grouped) == 4693
+    assert grouped[0][0] == examples[0].source and examples[0].text in grouped[0][1]
+
+
+@pytest.mark.parametrize("line,message", [
+    ("name : The Eagle | Type : pub", r"e2e\.txt:2: expected one 'table\|\|text' pair, found 0 '\|\|' separators"),
+    ("a||b||c", r"e2e\.txt:2: expected one 'table\|\|text' pair, found 2"),
+    ("   ||The Eagle is a pub .", r"e2e\.txt:2: empty table before '\|\|'"),
+    ("name : The Eagle||  ", r"e2e\.txt:2: empty text after '\|\|'"),
+])
+def test_bad_e2e_lines(tmp_path, line, message):
+    from minprefix.data import read_data
+    path = write_e2e(tmp_path, ["name : X | Type : pub||X is a pub .", line])
+    with pytest.raises(ValueError, match=message):
+        read_data(path)
+
+
+def test_source_jsonl(tmp_path):
+    from minprefix.data import read_data
+    path = write(tmp_path, [json.dumps({"source": "a : b", "text": "A is b ."}), json.dumps({"text": "no source"})])
+    with pytest.raises(ValueError, match=r"d\.jsonl:2: missing field 'source'"):
+        read_data(path)
+    path = write(tmp_path, [json.dumps({"source": "a : b", "text": "A is b ."})])
+    (e,) = read_data(path)
+    assert (e.source, e.text, e.label) == ("a : b", "A is b .", "task")

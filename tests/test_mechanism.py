@@ -37,7 +37,7 @@ def test_each_prefix_explains_its_own_label_better(offline_model, tuned):
         for true in range(2):
             losses = []
             for used in range(2):
-                rows = [it for it in held_out if it[1] == true]
+                rows = [it for it in held_out if it[2] == true]
                 (idx, targets, _), = batches(rows, len(rows))
                 losses.append(prefix_loss(offline_model, prefix, idx, targets, torch.full((len(rows),), used)).item())
             print(f"{labels[true]} texts: loss {losses[true]:.3f} under their own prefix, {losses[1 - true]:.3f} under the other")
