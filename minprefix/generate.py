@@ -75,8 +75,12 @@ def stream(model, idx, max_new_tokens=50, kv_cache=None, real=None, temperature=
     yield from decode(logits, lambda x: model(x, cache)[:, -1], n, temperature, top_k, top_p, eot, seed)
 
 
-def generate(model, idx, max_new_tokens=50, **kw):
-    """-> B lists of new tokens, each cut before its first <|endoftext|>. Arguments as stream's."""
+def generate(model, idx, max_new_tokens=50, num_beams=1, **kw):
+    """-> B lists of new tokens, each cut before its first <|endoftext|>. Arguments as stream's; with num_beams > 1
+    beam search instead of sampling (minprefix/beam.py: min_new_tokens, banned, length_penalty, as HF's)."""
+    if num_beams > 1:
+        from minprefix.beam import beam_search  # beam.py builds on this file
+        return beam_search(model, idx, num_beams, max_new_tokens, **kw)
     return collect(stream(model, idx, max_new_tokens, **kw), idx.size(0), kw.get("eot", EOT))
 
 
