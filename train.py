@@ -117,8 +117,6 @@ def main(argv=None):
             prefix = build_prefix(args.mode, model, labels, args.prefix_len, args.mlp, tok).to(device)
         except ValueError as e:
             p.error(str(e).replace("prefix_len", "--prefix-len"))
-        if fast.enabled():
-            fast.accelerate(model)
     room = model.config.n_positions - (0 if prefix is None else args.prefix_len)
     train_items, val_items = (encode(s, tok, labels, room) for s in (train_set, val_set))
 

@@ -69,9 +69,9 @@ class Peak:
                 self.bytes = next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM"))
 
 
-def timed(fn, device, repeats):
-    """Median seconds per call over `repeats` calls, after one warm-up call."""
-    fn()
+def timed(fn, device, repeats, warm_up=None):
+    """Median seconds per call over `repeats` calls, after one warm-up call (of warm_up, if given)."""
+    (warm_up or fn)()
     times = []
     for _ in range(repeats):
         sync(device)
@@ -99,25 +99,25 @@ def ours_sampler(model, device):
     from minprefix.gpt2 import KVCache
     decode = fast.generate if fast.enabled() else generate
 
-    def sample(batch):
+    def sample(batch, new_tokens=NEW_TOKENS):
         idx, kv = prompt_and_prefix(device, model.config, batch)
-        return decode(model, idx, NEW_TOKENS, kv_cache=KVCache(kv), temperature=0, eot=None)
+        return decode(model, idx, new_tokens, kv_cache=KVCache(kv), temperature=0, eot=None)
     return sample
 
 
 def hf_sampler(model, device, peft_model=None):
     from transformers import DynamicCache
 
-    def sample(batch):
+    def sample(batch, new_tokens=NEW_TOKENS):
         idx, kv = prompt_and_prefix(device, model.config, batch)
         mask = torch.ones(batch, P + PROMPT, dtype=torch.long, device=device)
         with torch.no_grad():
             if peft_model is not None:  # as shipped: PEFT brings its own prefix (its table holds the same values)
-                out = peft_model.generate(input_ids=idx, attention_mask=mask[:, P:], max_new_tokens=NEW_TOKENS,
-                                          min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=50256)
+                out = peft_model.generate(input_ids=idx, attention_mask=mask[:, P:], max_new_tokens=new_tokens,
+                                          min_new_tokens=new_tokens, do_sample=False, pad_token_id=50256)
             else:
                 out = model.generate(idx, attention_mask=mask, cache=DynamicCache(ddp_cache_data=kv),
-                                     max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                                     max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                                      pad_token_id=50256)
         return out[:, PROMPT:].tolist()
     return sample
@@ -142,7 +142,7 @@ def train_synthetic(side, folder, device, steps):
         from minprefix.trainer import lm_loss, prefix_loss
         model = GPT2.from_pretrained(folder, device=device).requires_grad_(False)
         if fast.enabled():
-            fast.accelerate(model)
+            fast.keep_freed_memory()  # as train.py: the loss and the allocator (accelerate() is for decoding)
         loss_fn = fast.lm_loss if fast.enabled() else lm_loss
         prefix = KVPrefix(model.config, 1, P, mlp=True).to(device)
         opt = torch.optim.AdamW(prefix.parameters(), lr=5e-5, weight_decay=0.0, fused=True)
@@ -194,7 +194,7 @@ def train_real(side, device, group_by_length=False):
         model = GPT2.from_pretrained(OFFLINE, device=device).requires_grad_(False)
         prefix = build_prefix("kv", model, labels, P, True, tok).to(device)
         if fast.enabled():
-            fast.accelerate(model)
+            fast.keep_freed_memory()
         loss_fn = fast.lm_loss if fast.enabled() else lm_loss
         opt = torch.optim.AdamW(prefix.parameters(), lr=5e-5, weight_decay=0.0, fused=True)
         step_loss = lambda idx, tg, y: prefix_loss(model, prefix, idx, tg, y, loss_fn)
@@ -268,8 +268,8 @@ def sample_workload(side, folder, device, batch, repeats):
         else:
             sample = hf_sampler(hf, device)
     with Peak(device) as m:
-        dt = timed(lambda: sample(batch), device, repeats)
-    result.update(tokens_per_s=batch * NEW_TOKENS / dt, peak_bytes=m.bytes, tokens=sample(1)[0][:32])
+        dt = timed(lambda: sample(batch), device, repeats, warm_up=lambda: sample(batch, 8))
+    result.update(tokens_per_s=batch * NEW_TOKENS / dt, peak_bytes=m.bytes, tokens=sample(1, 32)[0])
     return result
 
 
@@ -281,7 +281,7 @@ def child(side, workload, folder, device, steps):
     elif workload.startswith("train-real"):
         r = train_real(side, device, group_by_length=workload.endswith("grouped"))
     else:
-        r = sample_workload(side, folder, device, int(workload.split("-b")[1]), repeats=3)
+        r = sample_workload(side, folder, device, int(workload.split("-b")[1]), repeats=2)
     print(json.dumps(r))
 
 

@@ -86,6 +86,8 @@ def train(model, prefix, train_items, val_items, labels, out, epochs=5, batch_si
     device = torch.device(device)
     run = dict(run or {}, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, group_by_length=group_by_length)
     loss_fn = fast.lm_loss if fast.enabled() else lm_loss
+    if fast.enabled():
+        fast.keep_freed_memory()
     finetune = prefix is None
     model.requires_grad_(finetune)
     module = model if finetune else prefix
