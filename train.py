@@ -53,8 +53,9 @@ def parser():
     p.add_argument("--batch-size", type=int, help="(default: 2; E2E 10)")
     p.add_argument("--lr", type=float, help="peak learning rate, decayed linearly to 0 (default: 5e-5; E2E 8e-5, "
                    "E2E fine-tuning 5e-5)")
-    p.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=False,
-                   help="batch texts of similar length together: less padding, faster epochs (default: off)")
+    p.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=True,
+                   help="batch texts of similar length together, as HF Trainer's group_by_length: less padding, "
+                        "the same held-out loss (bench/bench_vs_peft.py) (default: on)")
     p.add_argument("--out", help=f"checkpoint to write (default: {DEFAULT_CHECKPOINT}; E2E "
                    "weights/e2e-prefix.safetensors, fine-tuning weights/e2e-finetuned/); the loss plot and the "
                    "state --resume needs go beside it")
