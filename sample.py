@@ -12,6 +12,7 @@ padding and positions that skip it (minprefix/gpt2.py), so each prompt is contin
 """
 import argparse
 import json
+import os
 import sys
 
 import torch
@@ -73,7 +74,6 @@ def main(argv=None):
     p = parser()
     args = p.parse_args(argv)
     if args.reference:
-        import os
         os.environ["MINPREFIX_REFERENCE"] = "1"
     if args.n is None:
         args.n = 1 if args.prompts_file or args.num_beams > 1 else 3

@@ -13,16 +13,9 @@ HUB_REPOS = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium"
 
 def read_checkpoint(name_or_path, cache_dir=None):
     """-> (config dict, {bare name: tensor as stored}, a description of where it came from)."""
-    folder = Path(os.path.expanduser(str(name_or_path)))
-    if folder.is_dir():
+    folder, repo = _locate(name_or_path)
+    if folder is not None:
         return _read_folder(folder)
-    name = str(name_or_path)
-    repo = HUB_REPOS.get(name) or (name if name in HUB_REPOS.values() else None)
-    if repo is None:
-        if os.sep in name or name.startswith((".", "~")):
-            raise FileNotFoundError(f"no folder at {name}: pass a folder holding config.json and model.safetensors")
-        raise ValueError(f"unknown model name {name!r}: the known names are {', '.join(HUB_REPOS)} "
-                         f"(or pass a local folder holding config.json and model.safetensors)")
     config_file, weights_file = (_hub_file(repo, f, cache_dir) for f in ("config.json", "model.safetensors"))
     return json.loads(Path(config_file).read_text()), _read_safetensors([weights_file]), f"{repo} ({weights_file})"
 
@@ -30,11 +23,18 @@ def read_checkpoint(name_or_path, cache_dir=None):
 def read_config(name_or_path, cache_dir=None):
     """-> the config.json dict of a hub name or local folder, without reading the weights (same errors as
     read_checkpoint)."""
-    folder = Path(os.path.expanduser(str(name_or_path)))
-    if folder.is_dir():
+    folder, repo = _locate(name_or_path)
+    if folder is not None:
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"{folder} has no config.json")
         return json.loads((folder / "config.json").read_text())
+    return json.loads(Path(_hub_file(repo, "config.json", cache_dir)).read_text())
+
+
+def _locate(name_or_path):  # -> (a local folder, None) or (None, the hub repository of a known name)
+    folder = Path(os.path.expanduser(str(name_or_path)))
+    if folder.is_dir():
+        return folder, None
     name = str(name_or_path)
     repo = HUB_REPOS.get(name) or (name if name in HUB_REPOS.values() else None)
     if repo is None:
@@ -42,7 +42,7 @@ def read_config(name_or_path, cache_dir=None):
             raise FileNotFoundError(f"no folder at {name}: pass a folder holding config.json and model.safetensors")
         raise ValueError(f"unknown model name {name!r}: the known names are {', '.join(HUB_REPOS)} "
                          f"(or pass a local folder holding config.json and model.safetensors)")
-    return json.loads(Path(_hub_file(repo, "config.json", cache_dir)).read_text())
+    return None, repo
 
 
 def _hub_file(repo, filename, cache_dir):

@@ -271,3 +271,11 @@ def test_bfloat16_end_to_end(trained, offline_model_dir, small_data, tmp_path):
     assert prefix.table().dtype == torch.float32 and meta["info"]["dtype"] == "bfloat16"
     p = run("sample.py", "--prefix", out, "--dtype", "bfloat16", "--n", 2, "--max-new-tokens", 10)
     assert len(samples(p)) == 2
+
+
+def test_sentiment_eval_refuses_labels_its_judge_does_not_know(offline_model, tmp_path):
+    from minprefix.prefix import KVPrefix, save_prefix
+    path = tmp_path / "other.safetensors"
+    save_prefix(path, KVPrefix(offline_model.config, 2, 3), offline_model.name_or_path, ["good", "bad"])
+    p = run("eval.py", "--prefix", path, "--out", tmp_path / "eval", check=False)
+    assert p.returncode == 2 and "labels good, bad" in p.stderr and "only positive and negative" in p.stderr

@@ -191,3 +191,27 @@ def test_cuda_graph_on_a_second_gpu(offline_model_dir):
     model = GPT2.from_pretrained(offline_model_dir, device="cuda:1").requires_grad_(False)
     idx = torch.tensor([prompts()[1]], device="cuda:1")
     assert fast.generate(model, idx, 32, temperature=0, eot=None) == generate(model, idx, 32, temperature=0, eot=None)
+
+
+def test_half_precision_runs_through_both_paths(offline_model_dir):
+    """bfloat16 weights, a float32 prefix: the cache comes in the model's dtype, both decoders run (the static
+    cache's buffers take that dtype too), and the fast loss stays close to the reference's."""
+    model = GPT2.from_pretrained(offline_model_dir, dtype=torch.bfloat16).requires_grad_(False)
+    torch.manual_seed(0)
+    p = KVPrefix(model.config, 2, 4, mlp=True)
+    idx, real = pad_left(prompts())
+    weights = label_weights(2, alpha=0.5).repeat(3, 1)
+    with torch.no_grad():
+        cache = p.cache(model, weights)
+    assert cache.layers[0][0].dtype == torch.bfloat16 and p.table().dtype == torch.float32
+    for out in (generate(model, idx, 16, kv_cache=cache, real=real, temperature=0, eot=None),
+                fast.generate(model, idx, 16, kv_cache=cache, real=real, temperature=0, eot=None, cuda_graph=True),
+                fast.generate(model, idx, 16, kv_cache=cache, real=real, temperature=0.8, top_p=0.9, seed=0, eot=None)):
+        assert [len(r) for r in out] == [16, 16, 16]
+    targets = torch.randint(0, 50257, (2, 10))
+    x = torch.randint(0, 50257, (2, 10))
+    a = prefix_loss(model, p, x, targets, torch.tensor([0, 1]), lm_loss)
+    b = prefix_loss(model, p, x, targets, torch.tensor([0, 1]), fast.lm_loss)
+    assert abs(a.item() - b.item()) < 2e-2 and a.dtype == b.dtype == torch.float32
+    b.backward()
+    assert all(q.grad is not None and q.grad.dtype == torch.float32 for q in p.parameters())
