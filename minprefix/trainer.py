@@ -129,7 +129,7 @@ def train(model, prefix, train_items, val_items, labels, out, epochs=5, batch_si
         with atomic_path(state_path(out)) as tmp:
             torch.save(state, tmp)
 
-    epoch = first - 1
+    epoch = finished = first - 1
     try:
         for epoch in range(first, epochs + 1):
             bar = tqdm(batches(train_items, batch_size, shuffle=True, generator=gen, group_by_length=group_by_length),
@@ -151,6 +151,7 @@ def train(model, prefix, train_items, val_items, labels, out, epochs=5, batch_si
                 history["kept_epoch"] = epoch
                 save(epoch)
             save_state(epoch)
+            finished = epoch
             save_loss_plot(history, loss_plot_path(out))
             tqdm.write(f"epoch {epoch}: train loss {sum(history['step_loss'][-steps_per_epoch:]) / steps_per_epoch:.4f}"
                        f"  held-out loss {history['val_loss'][-1]:.4f}"
@@ -159,10 +160,10 @@ def train(model, prefix, train_items, val_items, labels, out, epochs=5, batch_si
         history["interrupted"] = True
         if history["kept_epoch"] is None:  # nothing finished yet: keep the steps taken rather than nothing
             save(epoch, interrupted=True)
-            tqdm.write(f"interrupted in epoch {epoch}: the prefix so far is saved in {out}")
+            tqdm.write(f"interrupted in epoch {finished + 1}: the prefix so far is saved in {out}")
         else:
-            tqdm.write(f"interrupted in epoch {epoch}: {out} holds epoch {history['kept_epoch']}; "
-                       f"--resume continues after epoch {epoch - 1}")
+            tqdm.write(f"interrupted in epoch {finished + 1}: {out} holds epoch {history['kept_epoch']}; "
+                       f"--resume continues after epoch {finished}")
     return history
 
 

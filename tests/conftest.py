@@ -23,7 +23,7 @@ def offline_model_dir():
 @pytest.fixture(scope="session")
 def offline_model(offline_model_dir):
     from minprefix import GPT2
-    return GPT2.from_pretrained(offline_model_dir)
+    return GPT2.from_pretrained(offline_model_dir).requires_grad_(False)  # shared: frozen, so no test leaves grads
 
 
 @pytest.fixture(scope="session")

@@ -67,8 +67,8 @@ def test_prefix_of_real_tokens_equals_prepending_them(offline_model, mode):
 
 
 @pytest.mark.parametrize("mode,mlp", [("kv", False), ("kv", True), ("embedding", False)])
-def test_only_the_prefix_learns(offline_model, mode, mlp):
-    model = offline_model
+def test_only_the_prefix_learns(offline_model_dir, mode, mlp):
+    model = GPT2.from_pretrained(offline_model_dir)  # its own copy: the shared fixture may carry other tests' grads
     before = {k: v.clone() for k, v in model.state_dict().items()}
     prefix = build_prefix(mode, model, ["positive", "negative"], 5, mlp, Tokenizer())
     start = {k: v.clone() for k, v in prefix.state_dict().items()}

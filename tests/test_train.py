@@ -1,6 +1,7 @@
 """The training loop in-process: resuming, keeping the best epoch, the schedule, fine-tuning's saved model,
 and the conditional (source -> text) loss."""
 import json
+import os
 
 import pytest
 import torch
@@ -148,4 +149,4 @@ def test_fine_tuned_model_loads_in_minprefix_and_transformers(offline_model_dir,
     with torch.no_grad():
         assert (ours(idx) - model(idx)).abs().max().item() <= 1e-5
         assert (ours(idx) - hf(idx).logits).abs().max().item() <= 1e-4
-    assert json.loads((folder / "config.json").read_text())["minprefix"]["fine_tuned_from"] == str(offline_model_dir)
+    assert json.loads((folder / "config.json").read_text())["minprefix"]["fine_tuned_from"] == os.path.abspath(offline_model_dir)
