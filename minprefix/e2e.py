@@ -16,6 +16,7 @@ from minprefix.beam import beam_search
 from minprefix.data import read_data, source_prompt, tables
 from minprefix.e2e_metrics import e2e_scores
 from minprefix.files import atomic_path
+from minprefix.generate import pad_left
 
 DECODING = dict(num_beams=5, min_new_tokens=5, banned=(198, 628), max_new_tokens=100)  # the paper's
 
@@ -33,7 +34,6 @@ def read_tables(path, limit=None):
 def decode_tables(model, tok, table_list, prefix=None, batch_size=10, **decoding):
     """One text per table, in order: beam search from ` {table} <|endoftext|>`, under the task prefix if given.
     Tables are decoded batch_size at a time, shortest first (less padding), and put back in order."""
-    from minprefix.generate import pad_left
     decoding = dict(DECODING, **decoding)
     prompts = [source_prompt(tok, t) for t, _ in table_list]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
