@@ -1,8 +1,10 @@
-"""Evaluate prefixes: sentiment (default) or the paper's E2E table-to-text task (--task e2e).
+"""Evaluate checkpoints (prefixes, LoRAs, fine-tuned models): sentiment (default) or the paper's E2E
+table-to-text task (--task e2e).
 
 Sentiment: for each held-out text: its first --prompt-words words are the prompt; the model continues it under the
-text's own sentiment prefix (and, as a control, under the flipped one). The continuation is scored with our
-BLEU and ROUGE against the rest of the text, and judged by VADER. Then an alpha sweep from neutral prompts.
+text's own label (and, as a control, under the flipped one). The continuation is scored with our BLEU and ROUGE
+against the rest of the text, and judged by VADER. Then the alpha sweep from neutral prompts: the mean VADER score
+at alpha 0, 0.25, 0.5, 0.75, 1 with its 95% interval, the dial's slope, and whether it rises monotonically.
 
   python eval.py --prefix weights/embedding.safetensors weights/kv.safetensors weights/kv-mlp.safetensors
 
@@ -15,15 +17,18 @@ official e2e-metrics definitions of BLEU, NIST, ROUGE-L and CIDEr (minprefix/e2e
 """
 import argparse
 import json
+import math
 import os
 import sys
 import time
 
 import torch
+from tqdm import tqdm
 
 from minprefix import GPT2, Tokenizer, fast
 from minprefix.data import read_jsonl
-from minprefix.prefix import DEFAULT_CHECKPOINT, load_prefix
+from minprefix.method import describe, latest, load, read_meta
+from minprefix.prefix import DEFAULT_CHECKPOINT
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -31,15 +36,12 @@ COLUMNS = [("BLEU", "bleu", "{:.2f}"), ("ROUGE-1", "rouge1", "{:.3f}"), ("ROUGE-
            ("ROUGE-L", "rougeL", "{:.3f}"), ("sentiment acc. [95% CI]", "acc_intended", "pct"),
            ("flipped acc. [95% CI]", "acc_flipped", "pct"), ("VADER gap", "vader_gap", "{:+.3f}"),
            ("perplexity", "perplexity", "{:.1f}"),
-           ("distinct-1", "distinct1", "{:.3f}"), ("distinct-2", "distinct2", "{:.3f}")]
+           ("distinct-1", "distinct1", "{:.3f}"), ("distinct-2", "distinct2", "{:.3f}"),
+           ("dial slope [95% CI]", "dial_slope", "slope")]
 
 
 def row_name(meta):
-    if meta is None:
-        return "base model, no prefix"
-    if meta["mode"] == "embedding":
-        return f"embedding prefix (soft prompt), P={meta['prefix_len']}"
-    return f"K/V prefix{' + MLP' if json.loads(meta.get('trained_with_mlp', 'false')) else ''}, P={meta['prefix_len']}"
+    return "base model, no prefix" if meta is None else describe(meta)
 
 
 def markdown(rows, alphas):
@@ -58,6 +60,9 @@ def cell(row, key, fmt):
     if fmt == "pct":  # an accuracy with its Wilson 95% interval
         lo, hi = row[key + "_ci"]
         return f"{row[key]:.0%} [{lo:.0%}, {hi:.0%}]"
+    if fmt == "slope":  # the dial: VADER per unit of alpha, and whether the sweep's means rise at every step
+        lo, hi = row[key + "_ci"]
+        return f"{row[key]:+.3f} [{lo:+.3f}, {hi:+.3f}]{'' if row['dial_monotone'] else ', not monotone'}"
     return fmt.format(row[key])
 
 
@@ -65,13 +70,16 @@ def plot_sweep(rows, alphas, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for name, r in rows:
         if "alpha_sweep" in r:
-            ax.plot(alphas, [r["alpha_sweep"][a] for a in alphas], "o-", label=name)
+            means = [r["alpha_sweep"][a] for a in alphas]
+            lo = [m - r["alpha_sweep_ci"][a][0] for m, a in zip(means, alphas)]
+            hi = [r["alpha_sweep_ci"][a][1] - m for m, a in zip(means, alphas)]
+            ax.errorbar(alphas, means, yerr=[lo, hi], fmt="o-", capsize=3, label=name)
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xlabel("alpha  (mixed = alpha * positive + (1 - alpha) * negative)")
-    ax.set_ylabel("mean VADER compound of the generations")
+    ax.set_ylabel("mean VADER compound (95% interval)")
     ax.set_title("the sentiment dial, from neutral prompts")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
@@ -83,26 +91,32 @@ def plot_sweep(rows, alphas, path):
 def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", default="sentiment", choices=["sentiment", "e2e"], help="(default: %(default)s)")
-    p.add_argument("--prefix", nargs="+", help="prefix checkpoints, one table row each (all for the same base "
-                   f"model) (default: {DEFAULT_CHECKPOINT}; e2e: weights/e2e-prefix.safetensors, unless --model "
-                   "names a fine-tuned model folder)")
+    p.add_argument("--prefix", "--checkpoint", dest="prefix", nargs="+", help="checkpoints from train.py (prefix or "
+                   "LoRA .safetensors; for e2e also a fine-tuned model folder), one table row each, all for the same "
+                   f"base model (default: the one train.py wrote last, else {DEFAULT_CHECKPOINT}; e2e: "
+                   "weights/e2e-prefix.safetensors, unless --model names a model folder)")
     p.add_argument("--data", help="held-out data (default: data/test.jsonl; e2e: ../shared/data/e2e/test.txt.gz)")
-    p.add_argument("--limit", type=int, help="e2e: the first N tables only (default: all 630 of the test set)")
+    p.add_argument("--limit", type=int, help="the first N held-out texts (sentiment) or tables (e2e) only "
+                   "(default: all; e2e: all 630 tables of the test set)")
+    p.add_argument("--base", action=argparse.BooleanOptionalAction, default=True,
+                   help="sentiment: include the base model's row, no prefix (default: on)")
     p.add_argument("--batch-size", type=int, default=10, help="e2e: tables decoded together (default: %(default)s)")
     p.add_argument("--num-beams", type=int, default=5, help="e2e (default: %(default)s, the paper's)")
     p.add_argument("--prompt-words", type=int, default=3, help="sentiment: words of each held-out text given as "
                    "the prompt (default: %(default)s)")
     p.add_argument("--n-samples", type=int, default=2, help="sentiment: continuations per held-out text "
                    "(default: %(default)s)")
-    p.add_argument("--sweep-samples", type=int, default=8, help="sentiment: continuations per neutral prompt "
-                   "and alpha (default: %(default)s)")
+    p.add_argument("--sweep-samples", type=int, default=24, help="sentiment: continuations per neutral prompt "
+                   "and alpha (default: %(default)s: 240 per alpha with the 10 built-in prompts)")
+    p.add_argument("--sweep-prompts", help="sentiment: a file of neutral prompts for the alpha sweep, one per line "
+                   "(default: 10 built-in prompts about the summer school, e.g. 'The lectures')")
     p.add_argument("--max-new-tokens", type=int, help="(default: sentiment 40; e2e 100, the paper's)")
     p.add_argument("--temperature", type=float, default=0.7, help="sentiment (default: %(default)s)")
     p.add_argument("--top-p", type=float, default=0.9, help="sentiment (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     p.add_argument("--out", help="folder for the results (default: weights/eval; e2e: weights/eval-e2e)")
     p.add_argument("--model", help="where the base model is, if not where the checkpoints say; e2e without "
-                   "--prefix: the fine-tuned model folder to evaluate")
+                   "--prefix: a model folder to evaluate as it is (fine-tuned, or a base model)")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="(default: %(default)s)")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available, else cpu)")
     p.add_argument("--reference", action="store_true", help="run the plain reference code only (minprefix/fast.py off)")
@@ -121,15 +135,16 @@ def main(argv=None):
     return e2e(p, args) if args.task == "e2e" else sentiment(p, args)
 
 
-def load(args, prefix_paths):
-    """The base model (accelerated unless --reference) and the prefixes, checked against it."""
-    first_meta = load_prefix(prefix_paths[0])[1] if prefix_paths else None
-    where = args.model or first_meta["base_model"]
-    model = GPT2.from_pretrained(where, dtype=DTYPES[args.dtype], device=args.device)
+def load_all(p, args, paths):
+    """The base model (accelerated unless --reference) and the checkpoints, each checked against it."""
+    metas = [read_meta(path) for path in paths]
+    bases = {m["base_model"] for m in metas}
+    if len(bases) > 1 and not args.model:
+        p.error(f"the checkpoints are for different base models ({', '.join(sorted(bases))}): evaluate them apart")
+    model = GPT2.from_pretrained(args.model or metas[0]["base_model"], dtype=DTYPES[args.dtype], device=args.device)
     if fast.enabled():
         fast.accelerate(model)
-    prefixes = [load_prefix(path, model) for path in prefix_paths]
-    return model, [(pr.to(model.device), meta) for pr, meta in prefixes]
+    return model, [load(path, model) for path in paths]
 
 
 def e2e(p, args):
@@ -140,15 +155,27 @@ def e2e(p, args):
         p.error("--task e2e evaluates one system at a time: give one --prefix")
     data = args.data or "../shared/data/e2e/test.txt.gz"
     table_list = read_tables(data, args.limit)
-    model, prefixes = load(args, args.prefix or [])
-    prefix, meta = prefixes[0] if prefixes else (None, None)
-    if meta is not None and (len(meta["labels"]) != 1 or not meta["info"].get("conditional")):
-        p.error(f"{args.prefix[0]} is a prefix for labelled text ({', '.join(meta['labels'])}); --task e2e needs "
-                f"one trained on table||text data (train.py --data ../shared/data/e2e/train.txt.gz)")
-    system = (f"fine-tuned {model.name_or_path}" if prefix is None else
-              f"{row_name(meta)} ({args.prefix[0]})")
+    if args.prefix:
+        model, [(method, meta)] = load_all(p, args, args.prefix)
+        if not meta["info"].get("conditional"):
+            p.error(f"{args.prefix[0]} was trained on labelled text ({', '.join(meta['labels'])}); --task e2e needs "
+                    f"one trained on table||text data (train.py --data ../shared/data/e2e/train.txt.gz; a PEFT "
+                    f"adapter trained on tables: python -m minprefix.peft import ... --conditional)")
+        system = f"{describe(meta)} ({args.prefix[0]})"
+    else:  # a model folder as it is: fine-tuned by train.py, or any model in the hub's layout
+        model = GPT2.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device)
+        if fast.enabled():
+            fast.accelerate(model)
+        method = None
+        config = json.loads(open(os.path.join(args.model, "config.json")).read()) if os.path.isdir(args.model) else {}
+        tuned = config.get("minprefix", {})
+        if tuned and not tuned.get("conditional"):
+            p.error(f"{args.model} was fine-tuned on labelled text, not on table||text data: --task e2e needs a model "
+                    f"fine-tuned on tables (train.py --data ../shared/data/e2e/train.txt.gz --mode finetune)")
+        system = (f"fine-tuned from {tuned.get('fine_tuned_from')} ({args.model})" if tuned else
+                  f"base model {model.name_or_path}, as it is (not fine-tuned by train.py)")
     outputs, scores, settings = evaluate_e2e(
-        model, Tokenizer(), table_list, prefix, system=system, batch_size=args.batch_size,
+        model, Tokenizer(), table_list, method, system=system, batch_size=args.batch_size,
         num_beams=args.num_beams, max_new_tokens=args.max_new_tokens or 100)
     settings.update(data=data, limit=args.limit, dtype=args.dtype, path="reference" if not fast.enabled() else "fast")
     out = args.out or "weights/eval-e2e"
@@ -159,33 +186,48 @@ def e2e(p, args):
 
 
 def sentiment(p, args):
-    from minprefix.evaluation import Judge, evaluate_prefix, evaluate_reference
+    from minprefix.evaluation import NEUTRAL_PROMPTS, Judge, evaluate_prefix, evaluate_reference, n_continuations
     t0 = time.time()
-    args.prefix = args.prefix or [DEFAULT_CHECKPOINT]
+    args.prefix = args.prefix or [latest(DEFAULT_CHECKPOINT)]
     args.data = args.data or "data/test.jsonl"
     args.max_new_tokens = args.max_new_tokens or 40
     args.out = args.out or "weights/eval"
-    model, prefixes = load(args, args.prefix)
-    device = model.device
-    labels = prefixes[0][1]["labels"]
-    for path, (_, meta) in zip(args.prefix, prefixes):
+    metas = [read_meta(path) for path in args.prefix]
+    for path, meta in zip(args.prefix, metas):
+        if meta["mode"] == "finetune":
+            p.error(f"{path} is a fine-tuned model: one model for every label, with nothing to steer by; the "
+                    f"sentiment evaluation compares a method's labels (train a prefix or a LoRA)")
+    labels = metas[0]["labels"]
+    for path, meta in zip(args.prefix, metas):
         if meta["labels"] != labels:
             p.error(f"{path} has labels {meta['labels']}, {args.prefix[0]} has {labels}: they cannot share a table")
     if sorted(labels) != ["negative", "positive"]:
         p.error(f"{args.prefix[0]} has labels {', '.join(labels)}; the sentiment evaluation's judge (VADER) knows "
                 f"only positive and negative (for a table-to-text prefix use --task e2e)")
-    examples = read_jsonl(args.data, labels=labels)
+    sweep_prompts = NEUTRAL_PROMPTS
+    if args.sweep_prompts:
+        sweep_prompts = [l.strip() for l in open(args.sweep_prompts, encoding="utf-8") if l.strip()]
+        if not sweep_prompts:
+            p.error(f"--sweep-prompts {args.sweep_prompts}: no prompts")
+    model, methods = load_all(p, args, args.prefix)
+    device = model.device
+    examples = read_jsonl(args.data, labels=labels)[:args.limit]
     tok, judge = Tokenizer(), Judge()
     alphas = (0.0, 0.25, 0.5, 0.75, 1.0)
     settings = dict(n_words=args.prompt_words, n_samples=args.n_samples, sweep_samples=args.sweep_samples,
-                    max_new_tokens=args.max_new_tokens, seed=args.seed, alphas=alphas,
+                    max_new_tokens=args.max_new_tokens, seed=args.seed, alphas=alphas, sweep_prompts=sweep_prompts,
                     temperature=args.temperature, top_p=args.top_p)
     torch.manual_seed(args.seed)
+    systems = ([(row_name(None), None)] if args.base else []) + [(row_name(m), method) for method, m in methods]
+    total = sum(n_continuations(method, len(examples), args.n_samples, args.sweep_samples, len(alphas),
+                                len(sweep_prompts)) for _, method in systems)
     rows = []
-    for name, prefix in [(row_name(None), None)] + [(row_name(m), pr) for pr, m in prefixes]:
-        t = time.time()
-        rows.append((name, evaluate_prefix(model, tok, judge, examples, labels, prefix, **settings)))
-        print(f"{name}: {time.time() - t:.0f} s", file=sys.stderr)
+    with tqdm(total=total, desc="continuations", unit="text", dynamic_ncols=True) as bar:
+        for name, method in systems:
+            t = time.time()
+            bar.set_postfix_str(name)
+            rows.append((name, evaluate_prefix(model, tok, judge, examples, labels, method, progress=bar, **settings)))
+            tqdm.write(f"{name}: {time.time() - t:.0f} s")
 
     rows.append(("held-out texts themselves (how often VADER agrees with the human label)",
                  evaluate_reference(model, tok, judge, examples, n_words=args.prompt_words)))
@@ -194,19 +236,39 @@ def sentiment(p, args):
     table = markdown(rows, alphas)
     minutes = (time.time() - t0) / 60
     note = (f"base model {model.name_or_path}; {len(examples)} held-out texts x {args.n_samples}, prompt = first "
-            f"{args.prompt_words} words; sweep: {args.sweep_samples} samples x 10 neutral prompts per alpha; "
-            f"temperature {args.temperature}, top-p {args.top_p}, {args.max_new_tokens} new tokens, seed {args.seed}; "
-            f"{args.dtype}, {'reference' if not fast.enabled() else 'fast'} path; {minutes:.1f} min on {device}")
+            f"{args.prompt_words} words; sweep: {args.sweep_samples} samples x {len(sweep_prompts)} neutral prompts "
+            f"per alpha; temperature {args.temperature}, top-p {args.top_p}, {args.max_new_tokens} new tokens, seed "
+            f"{args.seed}; {args.dtype}, {'reference' if not fast.enabled() else 'fast'} path; {minutes:.1f} min on "
+            f"{device}")
+    for name, r in rows:
+        if "dial_slope" in r:
+            lo, hi = r["alpha_sweep_ci"][0.0], r["alpha_sweep_ci"][1.0]
+            note += (f"\n- {name}: dial slope {r['dial_slope']:+.3f} VADER per unit of alpha, "
+                     f"{'monotone' if r['dial_monotone'] else 'NOT monotone'}; alpha 0 {r['alpha_sweep'][0.0]:+.3f} "
+                     f"[{lo[0]:+.3f}, {lo[1]:+.3f}], alpha 1 {r['alpha_sweep'][1.0]:+.3f} [{hi[0]:+.3f}, {hi[1]:+.3f}]"
+                     f": the ends' 95% intervals {'are apart' if r['dial_ends_apart'] else 'OVERLAP'}")
     with open(os.path.join(args.out, "eval.md"), "w") as f:
         f.write(table + "\n\n" + note + "\n")
     with open(os.path.join(args.out, "eval.json"), "w") as f:
-        json.dump({"settings": dict(settings, alphas=list(alphas), base_model=model.name_or_path, data=args.data,
-                                    prefixes=args.prefix), "rows": [dict(r, name=n) for n, r in rows],
-                   "minutes": minutes}, f, indent=2, default=str)
+        json.dump(clean({"settings": dict(settings, alphas=list(alphas), base_model=model.name_or_path,
+                                          data=args.data, prefixes=args.prefix, limit=args.limit),
+                         "rows": [dict(r, name=n) for n, r in rows], "minutes": minutes}), f, indent=2,
+                  allow_nan=False)
     plot_sweep(rows, alphas, os.path.join(args.out, "alpha_sweep.png"))
     print(table)
     print(f"\n{note}\nwrote {args.out}/eval.md, eval.json, alpha_sweep.png")
     return 0
+
+
+def clean(x):
+    """JSON that strict parsers read: NaN and infinities become null, tuples lists, keys strings."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {str(k): clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [clean(v) for v in x]
+    return x
 
 
 if __name__ == "__main__":

@@ -1,16 +1,21 @@
-"""Prefix-tuning: learn one prefix per label (sentiment), or one task prefix (E2E table-to-text), GPT-2 frozen.
+"""Adapt a frozen GPT-2: one prefix (or LoRA) per label (sentiment), or one for a task (E2E table-to-text).
 
   python train.py --prefix-len 10 --mlp            # sentiment prefixes on data/, official gpt2 (hub or its cache)
   python train.py --model ../shared/models/imdb-gpt2-19m --prefix-len 10 --mlp   # the offline stand-in
+  python train.py --mode lora                       # LoRA per label instead of a prefix (r=4 on q and v)
   python train.py --data ../shared/data/e2e/train.txt.gz             # E2E with the paper's recipe (below)
   python train.py --data ../shared/data/e2e/train.txt.gz --mode finetune   # the paper's fine-tuning baseline
   python train.py --resume                          # continue the run whose checkpoint is at --out
 
-Defaults follow the data. Labelled text (JSONL {"text", "sentiment"}): the reference setup, batch 2, lr 5e-5,
-10 epochs, prefix length 10. Source -> text (E2E's table||text files, or JSONL {"source", "text"}): the paper's
-E2E recipe (Li & Liang 2021, appendix A; its code gpt2/train_e2e.py): prefix length 5, MLP of width 512,
-lr 8e-5, batch 10, 5 epochs, linear decay to 0, no warm-up, no weight decay; fine-tuning: lr 5e-5, batch 10,
-5 epochs. Any flag given overrides its default.
+Defaults follow the data and the method (any flag given overrides its default):
+  labelled text (JSONL {"text", "sentiment"}): 10 epochs, batch 2, prefix length 10; lr 5e-3 for a K/V prefix
+    without the MLP or a soft prompt, 3e-4 with the MLP, 1e-3 for LoRA, 5e-5 for fine-tuning. These steer within
+    the default run (README, "Results"); --recipe reference is the brief's reference setup instead: batch 2,
+    lr 5e-5, for every method.
+  source -> text (E2E's table||text files, or JSONL {"source", "text"}): the paper's E2E recipe (Li & Liang 2021,
+    appendix A; its gpt2/train_e2e.py): prefix length 5, MLP of width 512, lr 8e-5, batch 10, 5 epochs, linear
+    decay to 0, no warm-up, no weight decay; fine-tuning lr 5e-5; LoRA the LoRA paper's (Hu et al. 2021,
+    table 11): lr 2e-4, batch 8, 500 warm-up steps, weight decay 0.01.
 """
 import argparse
 import os
@@ -20,15 +25,19 @@ import time
 import torch
 
 from minprefix import GPT2, Tokenizer, fast
-from minprefix.data import encode, file_digest, label_names, read_data
-from minprefix.prefix import DEFAULT_CHECKPOINT
-from minprefix.trainer import build_prefix, loss_plot_path, state_path, train
+from minprefix.data import FORMATS, encode, file_digest, label_names, read_data
+from minprefix.lora import DEFAULT_TARGETS, check_targets
+from minprefix.method import MODES, build, remember
+from minprefix.trainer import NothingToResume, loss_plot_path, state_path, train
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEFAULTS = {  # (labelled text, source -> text); fine-tuning differs in lr only
-    "prefix_len": (10, 5), "mlp": (False, True), "epochs": (10, 5), "batch_size": (2, 10),
-    "out": (DEFAULT_CHECKPOINT, "weights/e2e-prefix.safetensors"),
-}
+# (labelled text, source -> text) per setting; lr per mode
+DEFAULTS = {"prefix_len": (10, 5), "epochs": (10, 5), "batch_size": (2, 10)}
+LR = {"labelled": {"kv": 5e-3, "kv+mlp": 3e-4, "embedding": 5e-3, "lora": 1e-3, "finetune": 5e-5},
+      "reference": {"kv": 5e-5, "kv+mlp": 5e-5, "embedding": 5e-5, "lora": 5e-5, "finetune": 5e-5},
+      "source": {"kv": 8e-5, "kv+mlp": 8e-5, "embedding": 8e-5, "lora": 2e-4, "finetune": 5e-5}}
+OUT = {"kv": "prefix.safetensors", "embedding": "prefix.safetensors", "lora": "lora.safetensors",
+       "finetune": "finetuned"}
 
 
 def parser():
@@ -38,33 +47,52 @@ def parser():
                         "(default: $MINPREFIX_MODEL, else gpt2)")
     p.add_argument("--data", default="data/train.jsonl", help="training data: JSONL {\"text\", \"sentiment\"}, "
                    "JSONL {\"source\", \"text\"}, or E2E table||text lines (.txt or .txt.gz) (default: %(default)s)")
-    p.add_argument("--val-data", help="held-out data of the same kind, for the loss after each epoch (default: "
-                   "data/test.jsonl for labelled text; for E2E, valid.txt.gz beside --data)")
+    p.add_argument("--format", choices=FORMATS, help="what a JSONL file holds, where its rows do not say it "
+                   "unambiguously: labelled (text, sentiment) or source (source, text) (default: read off the rows)")
+    p.add_argument("--val-data", help="held-out data of the same kind, for the held-out pass after each epoch "
+                   "(default: data/test.jsonl for labelled text; for E2E, valid.txt.gz beside --data)")
     p.add_argument("--limit", type=int, help="train on the first N examples only")
     p.add_argument("--val-limit", type=int, help="hold out the first N held-out examples only")
-    p.add_argument("--mode", default="kv", choices=["kv", "embedding", "finetune"],
+    p.add_argument("--mode", default="kv", choices=MODES,
                    help="kv: keys and values in every layer (prefix-tuning); embedding: vectors before the token "
-                        "embeddings (a soft prompt, the baseline); finetune: every GPT-2 weight, no prefix (the "
-                        "paper's baseline; --out is then a model folder) (default: %(default)s)")
+                        "embeddings (a soft prompt, the baseline); lora: a low-rank change of chosen weights "
+                        "(Hu et al. 2021); finetune: every GPT-2 weight, no prefix (the paper's baseline; --out is "
+                        "then a model folder) (default: %(default)s)")
     p.add_argument("--prefix-len", type=int, help="prefix positions per label (default: 10; E2E 5)")
     p.add_argument("--mlp", action=argparse.BooleanOptionalAction, default=None,
                    help="train through the paper's MLP reparametrization, kv mode (default: off; E2E on)")
+    p.add_argument("--init", help="where a prefix starts: 'random', or words whose activations it starts from, "
+                   "e.g. ' table-to-text:' (default: each label's name without the MLP, random with it)")
+    p.add_argument("--lora-rank", type=int, default=4, help="LoRA's r (default: %(default)s)")
+    p.add_argument("--lora-alpha", type=float, default=32, help="LoRA's alpha: the change is scaled by alpha / r "
+                   "(default: %(default)s)")
+    p.add_argument("--lora-targets", default=",".join(DEFAULT_TARGETS),
+                   help="comma-separated: q, k, v (parts of attn.c_attn), c_attn (all of it, one pair), attn.c_proj, "
+                        "mlp.c_fc, mlp.c_proj (default: %(default)s, the LoRA paper's GPT-2 setup)")
+    p.add_argument("--recipe", default="steer", choices=["steer", "reference"],
+                   help="labelled text's defaults: steer (learning rates that turn the dial within the run) or "
+                        "reference (the brief's setup: batch 2, lr 5e-5) (default: %(default)s)")
     p.add_argument("--epochs", type=int, help="(default: 10; E2E 5)")
-    p.add_argument("--batch-size", type=int, help="(default: 2; E2E 10)")
-    p.add_argument("--lr", type=float, help="peak learning rate, decayed linearly to 0 (default: 5e-5; E2E 8e-5, "
-                   "E2E fine-tuning 5e-5)")
+    p.add_argument("--batch-size", type=int, help="(default: 2; E2E 10, E2E LoRA 8)")
+    p.add_argument("--lr", type=float, help="peak learning rate, decayed linearly to 0 (default: by method, above)")
+    p.add_argument("--warmup", type=int, help="linear warm-up steps (default: 0; E2E LoRA 500)")
+    p.add_argument("--weight-decay", type=float, help="AdamW's (default: 0; E2E LoRA 0.01)")
     p.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=True,
                    help="batch texts of similar length together, as HF Trainer's group_by_length: less padding, "
                         "the same held-out loss (bench/bench_vs_peft.py) (default: on)")
-    p.add_argument("--out", help=f"checkpoint to write (default: {DEFAULT_CHECKPOINT}; E2E "
-                   "weights/e2e-prefix.safetensors, fine-tuning weights/e2e-finetuned/); the loss plot and the "
-                   "state --resume needs go beside it")
+    p.add_argument("--out", help="checkpoint to write (default: weights/prefix.safetensors, weights/lora.safetensors "
+                   "or weights/finetuned/; E2E weights/e2e-prefix.safetensors, ...); the loss plot and, while the "
+                   "run lasts, the state --resume needs go beside it")
     p.add_argument("--keep", default="best", choices=["best", "last"],
-                   help="which epoch the checkpoint holds: the lowest held-out loss, or the last (default: %(default)s)")
-    p.add_argument("--resume", action="store_true", help="continue the run at --out after its last finished epoch; "
-                   "refused if the data, the base model or a hyperparameter differs")
+                   help="which epoch the checkpoint holds: best (two or more labels: the one that steers best on "
+                        "held-out texts; one label: the lowest held-out loss) or the last (default: %(default)s)")
+    p.add_argument("--resume", action="store_true", help="continue the run at --out after its last finished epoch "
+                   "(a larger --epochs extends it); refused if the data, the base model or a hyperparameter differs")
+    p.add_argument("--keep-resume-state", action="store_true", help="keep the resume state after the last epoch, so "
+                   "that --resume --epochs N can extend the run later (default: removed once the run has finished)")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES),
-                   help="the frozen model's weights; the prefix and the optimizer stay float32 (default: %(default)s)")
+                   help="the frozen model's weights; what is trained and the optimizer stay float32 (default: "
+                        "%(default)s)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     p.add_argument("--reference", action="store_true", help="run the plain reference code only (minprefix/fast.py "
@@ -77,33 +105,50 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.reference:
         os.environ["MINPREFIX_REFERENCE"] = "1"
-    train_set = read_data(args.data)
+    train_set = read_data(args.data, format=args.format)
     conditional = train_set[0].source is not None
-    if args.lr is None:
-        args.lr = 8e-5 if conditional and args.mode != "finetune" else 5e-5
+    kind = "source" if conditional else "labelled"
     if args.mode != "kv":
         if args.mlp:
             p.error(f"--mlp reparametrizes the K/V prefix; --mode {args.mode} has none")
         args.mlp = False
-    if args.mode == "finetune":
-        if args.out is None:
-            args.out = "weights/e2e-finetuned" if conditional else "weights/finetuned"
-        if args.dtype != "float32":
-            p.error(f"--mode finetune trains every weight in place: use --dtype float32, not {args.dtype}")
+    if args.mlp is None:
+        args.mlp = conditional
+    if args.mode == "lora":
+        try:
+            targets = check_targets(t.strip() for t in args.lora_targets.split(","))
+        except ValueError as e:
+            p.error(f"--lora-targets: {e}")
+    else:
+        targets = None
+    if args.mode == "finetune" and args.dtype != "float32":
+        p.error(f"--mode finetune trains every weight in place: use --dtype float32, not {args.dtype}")
     for name, (plain, e2e) in DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, e2e if conditional else plain)
+    recipe = "source" if conditional else ("reference" if args.recipe == "reference" else "labelled")
+    lora_e2e = conditional and args.mode == "lora"
+    if args.lr is None:
+        args.lr = LR[recipe]["kv+mlp" if args.mode == "kv" and args.mlp else args.mode]
+    if lora_e2e and args.batch_size == 10 and "--batch-size" not in (argv or sys.argv):
+        args.batch_size = 8
+    args.warmup = args.warmup if args.warmup is not None else (500 if lora_e2e else 0)
+    args.weight_decay = args.weight_decay if args.weight_decay is not None else (0.01 if lora_e2e else 0.0)
+    if args.out is None:
+        args.out = os.path.join("weights", ("e2e-" if conditional else "") + OUT[args.mode])
     for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size), ("--limit", args.limit),
-                        ("--val-limit", args.val_limit)):
+                        ("--val-limit", args.val_limit), ("--lora-rank", args.lora_rank)):
         if value is not None and value < 1:
             p.error(f"{flag} must be at least 1, got {value}")
     if args.lr <= 0:
         p.error(f"--lr must be positive, got {args.lr}")
+    if args.warmup < 0 or args.weight_decay < 0:
+        p.error("--warmup and --weight-decay must be >= 0")
     if args.val_data is None:
         args.val_data = os.path.join(os.path.dirname(args.data), "valid.txt.gz") if conditional else "data/test.jsonl"
 
     labels = label_names(train_set)
-    val_set = read_data(args.val_data, labels=None if conditional else labels)
+    val_set = read_data(args.val_data, labels=None if conditional else labels, format=args.format)
     if (val_set[0].source is not None) != conditional:
         p.error(f"--val-data {args.val_data} is not the same kind of data as --data {args.data}")
     train_set, val_set = train_set[:args.limit], val_set[:args.val_limit]
@@ -112,51 +157,68 @@ def main(argv=None):
     tok = Tokenizer()
     model = GPT2.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device)
     device = model.device
-    prefix = None
-    if args.mode != "finetune":
-        try:
-            prefix = build_prefix(args.mode, model, labels, args.prefix_len, args.mlp, tok).to(device)
-        except ValueError as e:
-            p.error(str(e).replace("prefix_len", "--prefix-len"))
-    room = model.config.n_positions - (0 if prefix is None else args.prefix_len)
+    P = args.prefix_len if args.mode in ("kv", "embedding") else 0
+    room = model.config.n_positions - P
+    try:
+        method = build(args.mode, model, labels, tok, args.prefix_len, args.mlp, args.lora_rank, args.lora_alpha,
+                       targets, init=args.init)
+    except ValueError as e:
+        p.error(str(e).replace("prefix_len", "--prefix-len").replace("LoRA rank", "--lora-rank"))
+    if P and not conditional and room < 3:
+        p.error(f"--prefix-len {P} leaves {room} of the model's {model.config.n_positions} positions: a text needs "
+                f"at least 3 (<|endoftext|>, a word, <|endoftext|>)")
     train_items, val_items = (encode(s, tok, labels, room) for s in (train_set, val_set))
 
     base = model.num_params()
-    trainable = base if prefix is None else sum(q.numel() for q in prefix.parameters())
-    saved = base if prefix is None else prefix.table().numel()
+    trainable = sum(q.numel() for q in method.parameters())
     print(f"base model {model.name_or_path}: {base:,} parameters, {args.dtype}, "
-          f"{'all trained' if prefix is None else 'frozen'}; {'reference' if not fast.enabled() else 'fast'} path")
+          f"{'all trained' if args.mode == 'finetune' else 'frozen'}; {'fast' if fast.enabled() else 'reference'} path")
     task = "source -> text" if conditional else f"labels {', '.join(f'{l} -> {i}' for i, l in enumerate(labels))}"
     print(f"{task}; {len(train_items)} training and {len(val_items)} held-out examples")
-    what = "fine-tuning" if prefix is None else f"prefix ({args.mode}{', MLP' if args.mlp else ''}, {args.prefix_len} positions)"
-    print(f"{what}: {trainable:,} trainable parameters ({100 * trainable / base:.2f}% of the base), {saved:,} saved "
-          f"({100 * saved / base:.3f}%); lr {args.lr:g}, batch {args.batch_size}, {args.epochs} epochs")
-    if prefix is not None and saved >= 0.01 * base:
-        print(f"warning: the saved prefix is {100 * saved / base:.2f}% of the base model, above prefix-tuning's 1% budget")
+    what = {"finetune": "fine-tuning", "lora": f"LoRA (r={args.lora_rank}, alpha={args.lora_alpha:g}, on "
+            f"{', '.join(targets or ())})"}.get(args.mode, f"prefix ({args.mode}{', MLP' if args.mlp else ''}, "
+                                                           f"{args.prefix_len} positions)")
+    print(f"{what}: {trainable:,} trainable parameters ({100 * trainable / base:.2f}% of the base); lr {args.lr:g}, "
+          f"batch {args.batch_size}, {args.epochs} epochs" + (f", warm-up {args.warmup}" if args.warmup else "")
+          + (f", weight decay {args.weight_decay:g}" if args.weight_decay else ""))
 
     run = {"data": os.path.abspath(args.data), "data_sha256": file_digest(args.data), "limit": args.limit,
-           "val_data": os.path.abspath(args.val_data), "val_limit": args.val_limit,
+           "val_data": os.path.abspath(args.val_data), "val_limit": args.val_limit, "format": args.format,
            "base_model": model.name_or_path, "base_config": vars(model.config), "mode": args.mode,
-           "prefix_len": None if prefix is None else args.prefix_len, "mlp": args.mlp, "dtype": args.dtype,
-           "keep": args.keep}
+           "prefix_len": P or None, "mlp": args.mlp, "init": args.init, "dtype": args.dtype, "keep": args.keep,
+           "lora": [args.lora_rank, args.lora_alpha, list(targets)] if targets else None}
     info = {"data": args.data, "epochs": args.epochs, "trainable_params": trainable, "task": task,
-            "conditional": conditional, "dtype": args.dtype}
+            "conditional": conditional, "dtype": args.dtype, "init": args.init, "recipe": recipe}
     t0 = time.time()
     try:
-        history = train(model, prefix, train_items, val_items, labels, args.out, epochs=args.epochs,
+        history = train(model, method, train_items, val_items, labels, args.out, epochs=args.epochs,
                         batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=device, info=info,
-                        keep=args.keep, resume=args.resume, group_by_length=args.group_by_length, run=run)
+                        keep=args.keep, resume=args.resume, group_by_length=args.group_by_length, run=run,
+                        weight_decay=args.weight_decay, warmup=args.warmup, keep_state=args.keep_resume_state)
+    except NothingToResume as e:
+        print(str(e).removeprefix("--resume: "))
+        return 0
     except (FileNotFoundError, ValueError) as e:
         if str(e).startswith("--resume"):
             p.error(str(e))
         raise
     minutes = (time.time() - t0) / 60
     kept = history["kept_epoch"]
+    if kept or history["interrupted"]:  # a checkpoint was written: sample.py and eval.py default to it
+        remember(args.out)
+    val = history["val"][kept - 1] if kept else {}
     print(f"{'interrupted after' if history['interrupted'] else 'trained in'} {minutes:.1f} min on {device}; "
-          + (f"kept epoch {kept} (held-out loss {history['val_loss'][kept - 1]:.4f}, --keep {args.keep})"
-             if kept else "no epoch finished"))
-    print(f"saved {saved:,} {'model' if prefix is None else 'prefix'} parameters to {args.out} (loss plot: "
-          f"{loss_plot_path(args.out)}; resume state: {state_path(args.out)})")
+          + (f"kept epoch {kept} (held-out loss {val['loss']:.4f}"
+             + (f", steering margin {val['steer_margin']:+.4f}" if "steer_margin" in val else "")
+             + f"; --keep {args.keep}: {history['selected_by']})" if kept else "no epoch finished"))
+    saved = base if args.mode == "finetune" else method.table().numel() if args.mode == "kv" else \
+        sum(q.numel() for q in method.state_dict().values())
+    where = f"loss plot: {loss_plot_path(args.out)}" + (
+        f"; resume state: {state_path(args.out)}" if os.path.exists(state_path(args.out)) else "")
+    if history["interrupted"] and kept:
+        print(f"{args.out} holds epoch {kept}, as written when it finished ({where})")
+    else:
+        print(f"saved {saved:,} parameters ({100 * saved / base:.3f}% of the base) to {args.out} ({where})")
     return 130 if history["interrupted"] else 0
 
 

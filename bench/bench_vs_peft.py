@@ -139,7 +139,7 @@ def train_synthetic(side, folder, device, steps):
     if side.startswith("minprefix"):
         from minprefix import GPT2, fast
         from minprefix.prefix import KVPrefix
-        from minprefix.trainer import lm_loss, prefix_loss
+        from minprefix.trainer import lm_loss, batch_loss
         model = GPT2.from_pretrained(folder, device=device).requires_grad_(False)
         if fast.enabled():
             fast.keep_freed_memory()  # as train.py: the loss and the allocator (accelerate() is for decoding)
@@ -149,7 +149,7 @@ def train_synthetic(side, folder, device, steps):
         label = torch.zeros(TRAIN_B, dtype=torch.long, device=device)
 
         def step():  # the step minprefix.trainer.train takes
-            loss = prefix_loss(model, prefix, x[:, :-1], x[:, 1:], label, loss_fn)
+            loss = batch_loss(model, prefix, x[:, :-1], x[:, 1:], label, loss_fn)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -190,15 +190,16 @@ def train_real(side, device, group_by_length=False):
     torch.manual_seed(0)
     if side.startswith("minprefix"):
         from minprefix import GPT2, fast
-        from minprefix.trainer import build_prefix, evaluate, lm_loss, prefix_loss
+        from minprefix.method import build
+        from minprefix.trainer import batch_loss, evaluate, lm_loss, token_nll
         model = GPT2.from_pretrained(OFFLINE, device=device).requires_grad_(False)
-        prefix = build_prefix("kv", model, labels, P, True, tok).to(device)
+        prefix = build("kv", model, labels, tok, P, True).to(device)
         if fast.enabled():
             fast.keep_freed_memory()
         loss_fn = fast.lm_loss if fast.enabled() else lm_loss
         opt = torch.optim.AdamW(prefix.parameters(), lr=5e-5, weight_decay=0.0, fused=True)
-        step_loss = lambda idx, tg, y: prefix_loss(model, prefix, idx, tg, y, loss_fn)
-        held = lambda: evaluate(model, prefix, held_out, 2, device, loss_fn)
+        step_loss = lambda idx, tg, y: batch_loss(model, prefix, idx, tg, y, loss_fn)
+        held = lambda: evaluate(model, prefix, held_out, 2, device, fast.token_nll if fast.enabled() else token_nll)["loss"]
     else:  # one PEFT adapter per label, as PEFT trains prefixes: each on its own label's texts
         from peft import PrefixTuningConfig, get_peft_model
         from transformers import GPT2LMHeadModel

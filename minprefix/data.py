@@ -35,17 +35,55 @@ def _lines(path):
                 yield f"{path}:{n}", line
 
 
-def read_data(path, labels=None):
-    """Any of the formats above, told apart by the file: .jsonl with "source" -> source -> text; other .jsonl ->
-    labelled text; anything else -> E2E's table||text lines. labels: the allowed ones (labelled text)."""
-    if str(path).endswith((".jsonl", ".jsonl.gz")):
-        first = next(_lines(path), (None, "{}"))[1]
-        try:
-            conditional = "source" in json.loads(first)
-        except json.JSONDecodeError:
-            conditional = False  # read_jsonl names the line
-        return read_jsonl(path, conditional=conditional, labels=labels)
+FORMATS = ("labelled", "source")  # what --format may declare for a JSON Lines file
+
+
+def read_data(path, labels=None, format=None):
+    """Any of the formats above. A .jsonl file (or any file whose first line is a JSON object) is JSON Lines, and
+    which kind it holds is read off every row: {"text", "sentiment"} labelled text, {"source", "text"} source ->
+    text. A file whose rows mix the two, or whose rows could be either (both fields), is refused unless format
+    ("labelled" or "source", train.py's --format) settles it. Anything else is E2E's table||text lines.
+    labels: the allowed ones (labelled text)."""
+    if format is not None and format not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    first = next(_lines(path), (None, ""))[1].lstrip()
+    if str(path).endswith((".jsonl", ".jsonl.gz")) or first.startswith("{"):
+        kind = format or jsonl_kind(path)
+        return read_jsonl(path, conditional=kind == "source", labels=labels)
+    if format == "labelled":
+        raise ValueError(f"{path}: --format labelled needs JSON Lines {{\"text\", \"sentiment\"}}; this file holds "
+                         f"table||text lines (source -> text)")
     return read_table_text(path)
+
+
+def jsonl_kind(path):
+    """-> "labelled" or "source", decided by every row of the file, not by its first line."""
+    kinds = {}  # kind -> the first line that has it
+    for where, line in _lines(path):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: expected a JSON object ({{\"text\", \"sentiment\"}} or {{\"source\", "
+                             f"\"text\"}}), got {type(row).__name__}")
+        if "sentiment" in row and "source" in row:
+            raise ValueError(f"{where}: the row has both 'sentiment' and 'source', so it could be labelled text or "
+                             f"source -> text: say which with --format labelled or --format source")
+        kind = "labelled" if "sentiment" in row else "source" if "source" in row else None
+        if kind is None:  # neither: name the field this file's other rows have
+            want = {"labelled": "'sentiment'", "source": "'source'"}
+            missing = want[next(iter(kinds))] if kinds else "'sentiment' (labelled text) or 'source' (source -> text)"
+            raise ValueError(f"{where}: missing field {missing}")
+        kinds.setdefault(kind, where)
+        if len(kinds) > 1:
+            (k1, w1), (k2, w2) = kinds.items()
+            raise ValueError(f"{w2}: a {k2} row ({'source' if k2 == 'source' else 'sentiment'} field), but {w1} is "
+                             f"{k1}: one file holds one kind of example; fix the file, or read it as one kind with "
+                             f"--format labelled or --format source")
+    if not kinds:
+        raise ValueError(f"{path}: no examples")
+    return next(iter(kinds))
 
 
 def read_jsonl(path, labels=None, conditional=False):
@@ -118,8 +156,9 @@ def encode(examples, tokenizer, labels, max_tokens):
         head = [tokenizer.eot] if e.source is None else source_prompt(tokenizer, e.source)
         text = tokenizer.encode(e.text if e.source is None else f" {e.text} ")
         if len(head) >= max_tokens - 1:
-            raise ValueError(f"{e.where}: the source takes {len(head)} tokens, leaving no room for the text in a "
-                             f"context of {max_tokens} (after the prefix)")
+            what = (f"the source takes {len(head)} tokens" if e.source is not None else
+                    "the text's start token (<|endoftext|>) and its end leave no room for a word")
+            raise ValueError(f"{e.where}: {what} in the {max_tokens} positions of the context left after the prefix")
         ids = head + text + [tokenizer.eot]
         if len(ids) > max_tokens:
             keep = max_tokens - len(head)

@@ -6,6 +6,7 @@ tokens; one output per test table, stripped. Scoring: minprefix/e2e_metrics.py, 
 definitions (BLEU, NIST, ROUGE-L, CIDEr; METEOR needs Java and is left out).
 """
 import json
+import math
 import os
 import time
 
@@ -31,20 +32,20 @@ def read_tables(path, limit=None):
 
 
 @torch.no_grad()
-def decode_tables(model, tok, table_list, prefix=None, batch_size=10, **decoding):
-    """One text per table, in order: beam search from ` {table} <|endoftext|>`, under the task prefix if given.
+def decode_tables(model, tok, table_list, method=None, batch_size=10, progress=True, **decoding):
+    """One text per table, in order: beam search from ` {table} <|endoftext|>`, under the task's method (a prefix,
+    a LoRA; None: the model as it is).
     Tables are decoded batch_size at a time, shortest first (less padding), and put back in order."""
     decoding = dict(DECODING, **decoding)
     prompts = [source_prompt(tok, t) for t, _ in table_list]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outputs = [None] * len(prompts)
-    for start in tqdm(range(0, len(order), batch_size), desc="decoding tables", dynamic_ncols=True):
+    for start in tqdm(range(0, len(order), batch_size), desc="decoding tables", dynamic_ncols=True,
+                      disable=not progress):
         rows = order[start:start + batch_size]
         idx, real = pad_left([prompts[i] for i in rows], device=model.device)
-        cache = None
-        if prefix is not None:
-            cache = prefix.cache(model, torch.ones(len(rows), 1, device=model.device))
-        for i, new in zip(rows, beam_search(model, idx, kv_cache=cache, real=real, **decoding)):
+        run, cache = (model, None) if method is None else method.apply(model, torch.ones(len(rows), 1, device=model.device))
+        for i, new in zip(rows, beam_search(run, idx, kv_cache=cache, real=real, **decoding)):
             outputs[i] = tok.decode(new).strip()
     return outputs
 
@@ -58,7 +59,8 @@ def write_results(folder, table_list, outputs, scores, settings):
         "e2e_refs.txt": "\n".join("".join(r + "\n" for r in refs) for _, refs in table_list),
         "eval.json": json.dumps({"scores": scores, "settings": settings,
                                  "samples": [{"table": t, "output": o, "references": refs[:2]}
-                                             for (t, refs), o in list(zip(table_list, outputs))[:5]]}, indent=2),
+                                             for (t, refs), o in list(zip(table_list, outputs))[:5]]}, indent=2,
+                                allow_nan=False),
         "eval.md": markdown(scores, settings),
     }
     for name, text in files.items():
@@ -69,19 +71,25 @@ def write_results(folder, table_list, outputs, scores, settings):
 
 def markdown(scores, settings):
     return ("| system | tables | BLEU | NIST | ROUGE-L | CIDEr |\n|---|---|---|---|---|---|\n"
-            f"| {settings['system']} | {settings['tables']} | {scores['bleu']:.1f} | {scores['nist']:.2f} | "
+            f"| {settings['system']} | {settings['tables']} | {scores['bleu']:.1f} | "
+            f"{'-' if scores['nist'] is None else format(scores['nist'], '.2f')} | "
             f"{scores['rouge_l']:.1f} | {scores['cider']:.2f} |\n\n"
             f"base model {settings['base_model']}; beam {settings['num_beams']}, at least {settings['min_new_tokens']} "
             f"and at most {settings['max_new_tokens']} new tokens, tokens {list(settings['banned'])} banned; "
             f"{settings['minutes']:.1f} min on {settings['device']}. BLEU and ROUGE-L on the 0-100 scale; METEOR "
-            f"is left out (it needs Java and paraphrase tables).\n")
+            f"is left out (it needs Java and paraphrase tables)."
+            + (" NIST: - because no output has an n-gram of some order up to 5, where the official scorer divides "
+               "by zero." if scores["nist"] is None else "") + "\n")
 
 
-def evaluate_e2e(model, tok, table_list, prefix=None, system="", batch_size=10, **decoding):
-    """Decode and score: -> (outputs, scores, settings)."""
+def evaluate_e2e(model, tok, table_list, method=None, system="", batch_size=10, progress=True, **decoding):
+    """Decode and score: -> (outputs, scores, settings). A NIST that the official scorer cannot compute (no
+    hypothesis n-gram of some order up to 5 in the whole corpus: it divides by zero) is None, and said so."""
     t0 = time.time()
-    outputs = decode_tables(model, tok, table_list, prefix, batch_size, **decoding)
+    outputs = decode_tables(model, tok, table_list, method, batch_size, progress, **decoding)
     scores = e2e_scores(outputs, [refs for _, refs in table_list])
+    if math.isnan(scores["nist"]):
+        scores["nist"] = None
     settings = dict(DECODING, **decoding, system=system, tables=len(table_list), base_model=model.name_or_path,
                     minutes=(time.time() - t0) / 60, device=str(model.device), batch_size=batch_size)
     settings["banned"] = list(settings["banned"])

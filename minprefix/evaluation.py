@@ -36,22 +36,25 @@ def split_prompt(text, n_words):
     return " ".join(words[:n_words]), " ".join(words[n_words:])
 
 
-def continue_prompts(model, tok, prompts, weights, prefix, max_new_tokens, seed, **sampling):
+def continue_prompts(model, tok, prompts, weights, method, max_new_tokens, seed, progress=None, **sampling):
     """One continuation per (prompt, weights row); prompts of equal token length are decoded together.
-    weights: (N, n_labels) mixing weights per prompt, or None for the base model without a prefix."""
+    weights: (N, n_labels) mixing weights per prompt; method None: the base model alone (weights ignored).
+    progress: a tqdm bar, moved on by each prompt decoded."""
     device = next(model.parameters()).device
     encoded = [[tok.eot] + tok.encode(p) for p in prompts]
     groups = defaultdict(list)
     for i, ids in enumerate(encoded):
         groups[len(ids)].append(i)
     outs = [None] * len(prompts)
+    decode = fast.generate if fast.enabled() else generate
     for length in sorted(groups):
         rows = groups[length]
         idx = torch.tensor([encoded[i] for i in rows], device=device)
-        cache = None if prefix is None else prefix.cache(model, weights[rows].to(device))
-        decode = fast.generate if fast.enabled() else generate
-        for i, new in zip(rows, decode(model, idx, max_new_tokens, kv_cache=cache, seed=seed + length, **sampling)):
+        run, cache = (model, None) if method is None else method.apply(model, weights[rows].to(device))
+        for i, new in zip(rows, decode(run, idx, max_new_tokens, kv_cache=cache, seed=seed + length, **sampling)):
             outs[i] = tok.decode(new)
+        if progress is not None:
+            progress.update(len(rows))
     return outs
 
 
@@ -77,9 +80,11 @@ def distinct(texts, n):
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
-def evaluate_prefix(model, tok, judge, examples, labels, prefix, n_words=3, n_samples=1, max_new_tokens=40,
-                    seed=0, sweep_samples=8, alphas=(0.0, 0.25, 0.5, 0.75, 1.0), **sampling):
-    """One row of the table. prefix None: the base model, whose 'intended' label is the held-out text's own."""
+def evaluate_prefix(model, tok, judge, examples, labels, method, n_words=3, n_samples=1, max_new_tokens=40,
+                    seed=0, sweep_samples=8, alphas=(0.0, 0.25, 0.5, 0.75, 1.0), sweep_prompts=NEUTRAL_PROMPTS,
+                    progress=None, **sampling):
+    """One row of the table. method None: the base model, whose 'intended' label is the held-out text's own.
+    progress: a tqdm bar over every continuation this row writes (see n_continuations)."""
     prompts, refs, want = [], [], []
     for e in examples:
         prompt, rest = split_prompt(e.text, n_words)
@@ -90,9 +95,9 @@ def evaluate_prefix(model, tok, judge, examples, labels, prefix, n_words=3, n_sa
     want = torch.tensor(want)
     flipped = (want + 1) % len(labels)  # with two labels: the other one
     onehot = lambda y: F.one_hot(y, len(labels)).float()
-    outs = continue_prompts(model, tok, prompts, onehot(want), prefix, max_new_tokens, seed, **sampling)
-    outs_flipped = (outs if prefix is None else
-                    continue_prompts(model, tok, prompts, onehot(flipped), prefix, max_new_tokens, seed, **sampling))
+    go = lambda p, w: continue_prompts(model, tok, p, w, method, max_new_tokens, seed, progress, **sampling)
+    outs = go(prompts, onehot(want))
+    outs_flipped = outs if method is None else go(prompts, onehot(flipped))
     intended = [judge.label(o) == labels[y] for o, y in zip(outs, want.tolist())]
     flipped_ok = [judge.label(o) == labels[y] for o, y in zip(outs_flipped, flipped.tolist())]
     row = {
@@ -111,16 +116,55 @@ def evaluate_prefix(model, tok, judge, examples, labels, prefix, n_words=3, n_sa
         "distinct2": distinct(outs, 2),
         "n_generations": len(outs),
     }
-    if prefix is not None and len(labels) == 2:
-        sweep = {}
+    if method is not None and method.mixes and len(labels) == 2:
+        sweep, scores = {}, {}
+        p = [q for q in sweep_prompts for _ in range(sweep_samples)]
         for a in alphas:
-            p = [q for q in NEUTRAL_PROMPTS for _ in range(sweep_samples)]
             w = label_weights(2, alpha=a).repeat(len(p), 1)
-            sweep[a] = mean(judge.score(o) for o in continue_prompts(model, tok, p, w, prefix, max_new_tokens, seed, **sampling))
+            scores[a] = [judge.score(o) for o in go(p, w)]
+            sweep[a] = mean(scores[a])
         row["alpha_sweep"] = sweep
+        row["alpha_sweep_ci"] = {a: mean_interval(scores[a]) for a in alphas}
+        row.update(dial(scores))
     row["samples"] = [{"prompt": p, "intended": labels[y], "text": o, "flipped": f}
                       for p, y, o, f in list(zip(prompts, want.tolist(), outs, outs_flipped))[:6]]
     return row
+
+
+def n_continuations(method, n_examples, n_samples, sweep_samples, n_alphas, n_sweep_prompts):
+    """How many continuations evaluate_prefix writes: the progress bar's total."""
+    if method is None:
+        return n_examples * n_samples
+    sweep = n_alphas * n_sweep_prompts * sweep_samples if method.mixes and method.n_labels == 2 else 0
+    return 2 * n_examples * n_samples + sweep
+
+
+def dial(scores):
+    """The alpha sweep as a dial: {alpha: [VADER scores]} -> its least-squares slope (VADER per unit of alpha) with
+    a 95% interval, whether the means rise monotonically, and whether the two ends' 95% intervals are apart."""
+    alphas = sorted(scores)
+    xs = [a for a in alphas for _ in scores[a]]
+    ys = [y for a in alphas for y in scores[a]]
+    mx, my = mean(xs), mean(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    resid = sum((y - my - slope * (x - mx)) ** 2 for x, y in zip(xs, ys)) / max(1, len(xs) - 2)
+    half = 1.96 * math.sqrt(resid / sxx)
+    means = [mean(scores[a]) for a in alphas]
+    lo_end, hi_end = mean_interval(scores[alphas[0]]), mean_interval(scores[alphas[-1]])
+    return {"dial_slope": slope, "dial_slope_ci": (slope - half, slope + half),
+            "dial_monotone": all(b > a for a, b in zip(means, means[1:])),
+            "dial_ends_apart": hi_end[0] > lo_end[1] or lo_end[0] > hi_end[1]}
+
+
+def mean_interval(xs, z=1.96):
+    """The mean's 95% interval (normal approximation, z * sd / sqrt(n)): (low, high)."""
+    n = len(xs)
+    if n < 2:
+        return (float("nan"), float("nan"))
+    m = mean(xs)
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1))
+    return (m - z * sd / math.sqrt(n), m + z * sd / math.sqrt(n))
 
 
 def evaluate_reference(model, tok, judge, examples, n_words=3):

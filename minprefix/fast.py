@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minprefix.generate import check_sampling, collect, decode, room
+from minprefix.generate import beam_settings, check_sampling, collect, decode, room
 from minprefix.gpt2 import KVCache
 from minprefix.tokenizer import EOT
 
@@ -91,22 +91,9 @@ class LMHeadLoss(torch.autograd.Function):
             raise IndexError(f"target {targets[bad][0].item()} is out of bounds: targets must be in [0, {V}) or -100")
         keep = (targets != -100).nonzero()[:, 0]
         h_kept, y = h[keep].float(), targets[keep]  # (n, C), (n,)
-        m = torch.full((y.numel(), 1), float("-inf"), device=h.device)
-        s = torch.zeros(y.numel(), 1, device=h.device)
-        acc = torch.zeros_like(h_kept) if ctx.needs_input_grad[0] else None
-        for w in wte.chunk(_chunks(h)):  # (V/chunks, C)
-            w = w.float()
-            logits = h_kept @ w.t()  # (n, V/chunks)
-            m_new = torch.maximum(m, logits.max(dim=-1, keepdim=True).values)
-            scale = (m - m_new).exp()
-            p = (logits - m_new).exp_()
-            s = s * scale + p.sum(dim=-1, keepdim=True)
-            if acc is not None:
-                acc = acc * scale + p @ w
-            m = m_new
-        lse = m + s.log()  # (n, 1): log sum_v exp(logit_v)
+        lse, softmax_wte = _online_softmax(h_kept, wte, ctx.needs_input_grad[0])
         wte_y = wte[y].float()
-        dh_kept = None if acc is None else acc / s - wte_y  # n times d loss / d h
+        dh_kept = None if softmax_wte is None else softmax_wte - wte_y  # n times d loss / d h
         ctx.save_for_backward(h, wte, keep, y, lse, dh_kept)
         return (lse[:, 0] - (h_kept * wte_y).sum(dim=-1)).mean()  # mean of -log softmax_y
 
@@ -125,6 +112,24 @@ class LMHeadLoss(torch.autograd.Function):
         return dh, dwte, None
 
 
+def _online_softmax(h, wte, with_softmax_wte):
+    """h (n, C) -> (log sum_v exp(h . wte_v) (n, 1), softmax @ wte (n, C) or None), in one pass over wte's chunks."""
+    m = torch.full((h.size(0), 1), float("-inf"), device=h.device)
+    s = torch.zeros(h.size(0), 1, device=h.device)
+    acc = torch.zeros_like(h) if with_softmax_wte else None
+    for w in wte.chunk(_chunks(h)):  # (V/chunks, C)
+        w = w.float()
+        logits = h @ w.t()  # (n, V/chunks)
+        m_new = torch.maximum(m, logits.max(dim=-1, keepdim=True).values)
+        scale = (m - m_new).exp()
+        p = (logits - m_new).exp_()
+        s = s * scale + p.sum(dim=-1, keepdim=True)
+        if acc is not None:
+            acc = acc * scale + p @ w
+        m = m_new
+    return m + s.log(), None if acc is None else acc / s
+
+
 def _chunks(h):
     return 16 if h.device.type == "cpu" else 1
 
@@ -133,6 +138,20 @@ def lm_loss(model, idx, targets, kv_cache=None):
     """Replaces trainer.lm_loss: the same mean cross-entropy of targets (-100 ignored) given the cache."""
     h = model.hidden(model.wte(idx), kv_cache)  # (B, T, C)
     return LMHeadLoss.apply(h.flatten(0, 1), model.lm_head.weight, targets.flatten())
+
+
+@torch.no_grad()
+def token_nll(model, idx, targets, kv_cache=None):
+    """Replaces trainer.token_nll: the same per-token losses (B, T), 0 where the target is -100, without the
+    (B, T, V) logits (the held-out pass scores every text under every label)."""
+    h = model.hidden(model.wte(idx), kv_cache).flatten(0, 1)  # (B*T, C)
+    flat = targets.flatten()
+    keep = (flat != -100).nonzero()[:, 0]
+    h_kept, wte = h[keep].float(), model.lm_head.weight
+    lse, _ = _online_softmax(h_kept, wte, False)
+    out = torch.zeros(flat.shape, device=h.device)
+    out[keep] = lse[:, 0] - (h_kept * wte[flat[keep]].float()).sum(dim=-1)
+    return out.view_as(targets)
 
 
 # ---- decoding (replaces generate.stream) ----
@@ -152,13 +171,19 @@ def stream(model, idx, max_new_tokens=50, kv_cache=None, real=None, temperature=
     graph = idx.is_cuda if cuda_graph is None else cuda_graph
     if graph and n > 1:
         step = StaticKVCache(cache, capacity=cache.length + n - 1).graph_step(model, capture=idx.is_cuda)
+    elif not idx.is_cuda and n > 1:
+        static = StaticKVCache(cache, capacity=cache.length + n - 1)
+        step = lambda x: static.cpu_step(model, x)
     else:
         step = lambda x: model.lm_head(model.hidden(model.wte(x), cache)[:, -1])
     yield from decode(logits, step, n, temperature, top_k, top_p, eot, seed)
 
 
-def generate(model, idx, max_new_tokens=50, **kw):
-    """generate.generate through the fast stream()."""
+def generate(model, idx, max_new_tokens=50, num_beams=1, **kw):
+    """generate.generate through the fast stream(); num_beams > 1: beam search, as generate.generate."""
+    if num_beams > 1:
+        from minprefix.beam import beam_search
+        return beam_search(model, idx, num_beams, max_new_tokens, **beam_settings(num_beams, kw))
     return collect(stream(model, idx, max_new_tokens, **kw), idx.size(0), kw.get("eot", EOT))
 
 
@@ -180,7 +205,9 @@ class StaticKVCache:
                 buffers[-1][:, :, :S] = t
         self.real = torch.zeros(B, capacity, dtype=torch.bool, device=k0.device)
         self.real[:, :S] = True if cache.real is None else cache.real
+        self.padded = cache.real is not None and not bool(cache.real.all())  # else no mask is needed at all
         self.slot = torch.tensor([S], device=k0.device)  # where the next token's keys and values go
+        self.n = S  # the same, on the host (the CPU step)
         self.position = self.real.sum(1, keepdim=True) if cache.real is not None else \
             torch.full((B, 1), S, device=k0.device)  # (B, 1): the next token's position in its row
 
@@ -198,6 +225,27 @@ class StaticKVCache:
             h = h + block.attn.c_proj(y.transpose(1, 2).reshape(B, 1, C))
             h = h + block.mlp(block.ln_2(h))
         self.slot += 1
+        self.position += 1
+        return model.lm_head(model.ln_f(h))[:, -1]
+
+    @torch.no_grad()
+    def cpu_step(self, model, x):
+        """step() as a CPU runs it best: the slot a Python int, attention over the slots written so far only, and
+        no mask unless a prompt was padded. Replaces the reference's per-step mask, positions and the cache's
+        growing torch.cat (a copy of every layer's keys and values at every step)."""
+        B, C, nh = x.size(0), model.config.n_embd, model.config.n_head
+        n = self.n
+        self.real[:, n] = True
+        mask = self.real[:, None, None, :n + 1] if self.padded else None
+        h = model.wte(x) + model.wpe(self.position)  # (B, 1, C)
+        for block, ks, vs in zip(model.h, self.k, self.v):
+            q, k, v = block.attn.c_attn(block.ln_1(h)).view(B, 3, nh, 1, C // nh).unbind(1)  # (B, H, 1, D) each
+            ks[:, :, n:n + 1] = k
+            vs[:, :, n:n + 1] = v
+            y = F.scaled_dot_product_attention(q, ks[:, :, :n + 1], vs[:, :, :n + 1], attn_mask=mask)
+            h = h + block.attn.c_proj(y.view(B, 1, C))  # (B, H, 1, D) is (B, 1, C) heads side by side
+            h = h + block.mlp(block.ln_2(h))
+        self.n += 1
         self.position += 1
         return model.lm_head(model.ln_f(h))[:, -1]
 

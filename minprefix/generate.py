@@ -39,6 +39,9 @@ def room(model, cache, idx, real, max_new_tokens):
     """max_new_tokens, cut where the context ends: the last new token is sampled but never fed back."""
     cached = cache.length if cache.real is None else int(cache.real.sum(1).max())
     new = idx.size(1) if real is None else int(real.sum(1).max())
+    if idx.size(1) == 0 or (real is not None and not bool(real.any(1).all())):
+        raise ValueError("a prompt has no tokens: every row needs at least one (a text starts with <|endoftext|>, "
+                         f"token {EOT}, which is what sample.py gives an empty prompt)")
     if cached + new > model.config.n_positions:  # the prompt alone does not fit: refuse, as the model would
         raise ValueError(f"{cached} cached + {new} new positions exceed the context of {model.config.n_positions}")
     return max(0, min(max_new_tokens, model.config.n_positions - cached - new + 1))
@@ -80,8 +83,17 @@ def generate(model, idx, max_new_tokens=50, num_beams=1, **kw):
     beam search instead of sampling (minprefix/beam.py: min_new_tokens, banned, length_penalty, as HF's)."""
     if num_beams > 1:
         from minprefix.beam import beam_search  # beam.py builds on this file
-        return beam_search(model, idx, num_beams, max_new_tokens, **kw)
+        return beam_search(model, idx, num_beams, max_new_tokens, **beam_settings(num_beams, kw))
     return collect(stream(model, idx, max_new_tokens, **kw), idx.size(0), kw.get("eot", EOT))
+
+
+def beam_settings(num_beams, kw):
+    """generate's keywords for beam search: the sampling ones are refused by name (the search is deterministic)."""
+    sampling = [k for k in ("temperature", "top_k", "top_p", "seed") if kw.get(k) is not None]
+    if sampling:
+        raise ValueError(f"{sampling[0]}= does not apply to beam search (num_beams={num_beams}), which is "
+                         f"deterministic: drop it, or sample with num_beams=1")
+    return {k: v for k, v in kw.items() if k not in ("temperature", "top_k", "top_p", "seed")}
 
 
 def collect(steps, B, eot=EOT):  # stream's (B, 1) tokens -> B lists, each cut before its first eot
@@ -93,6 +105,6 @@ def collect(steps, B, eot=EOT):  # stream's (B, 1) tokens -> B lists, each cut b
 def pad_left(prompts, pad=EOT, device=None):
     """Token lists of different lengths -> idx (B, T) padded on the left, real (B, T) False at the padding."""
     T = max(len(p) for p in prompts)
-    idx = torch.tensor([[pad] * (T - len(p)) + list(p) for p in prompts], device=device)
-    real = torch.tensor([[False] * (T - len(p)) + [True] * len(p) for p in prompts], device=device)
+    idx = torch.tensor([[pad] * (T - len(p)) + list(p) for p in prompts], dtype=torch.long, device=device)
+    real = torch.tensor([[False] * (T - len(p)) + [True] * len(p) for p in prompts], dtype=torch.bool, device=device)
     return idx, real

@@ -57,8 +57,10 @@ def _hub_file(repo, filename, cache_dir):
         raise OSError(
             f"cannot load {repo}: the Hugging Face hub is unreachable from here ({type(e).__name__}) and "
             f"{filename} is not in the local hub cache at {cache}. Either run once on a machine with internet "
-            f"(the files land in that cache; HF_HUB_CACHE moves it), or pass a local folder holding config.json "
-            f"and model.safetensors instead of the name (e.g. --model /path/to/gpt2).") from e
+            f"(the files land in that cache; HF_HUB_CACHE moves it), or point at a local folder holding "
+            f"config.json and model.safetensors: export MINPREFIX_MODEL=/path/to/gpt2 (or pass --model). On this "
+            f"project's offline machines the folder is ../shared/models/imdb-gpt2-19m (a small stand-in, NOT "
+            f"GPT-2).") from e
 
 
 def _read_folder(folder):

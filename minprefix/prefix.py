@@ -43,6 +43,7 @@ class PrefixMLP(nn.Module):
 
 class KVPrefix(nn.Module):
     """Full prefix-tuning: per label, P positions of keys and values for every layer, (P, L, 2*H*D)."""
+    kind, peft_type, steers, mixes = "kv", "PREFIX_TUNING", True, True  # the face of every method (minprefix/method.py)
 
     def __init__(self, config, n_labels, prefix_len, mlp=False, mlp_hidden=512):
         super().__init__()
@@ -60,6 +61,12 @@ class KVPrefix(nn.Module):
             return self.table_
         return torch.stack([mlp() for mlp in self.mlp])
 
+    def apply(self, model, weights):  # -> the model, unchanged, and the mixed prefix as the cache the text starts from
+        return model, self.cache(model, weights)
+
+    def save(self, path, model, labels, info=None):
+        return save_prefix(path, self, model.name_or_path, labels, info)
+
     def cache(self, model, weights):  # weights (B, n_labels) -> KVCache of P positions, (B, H, P, D) per layer
         c = self.config
         table = self.table()
@@ -68,17 +75,34 @@ class KVPrefix(nn.Module):
         kv = kv.view(B, P, 2 * c.n_layer, c.n_head, c.n_embd // c.n_head).permute(2, 0, 3, 1, 4)  # (L*2, B, H, P, D)
         return KVCache([(kv[2 * i], kv[2 * i + 1]) for i in range(c.n_layer)])
 
-    @torch.no_grad()
-    def init_from_tokens(self, model, tokens):  # tokens (n_labels, P): start from real words' keys and values
-        cache = KVCache()
-        model.hidden(model.wte(tokens), cache)  # (n_labels, H, P, D) per layer
-        kv = torch.stack([t for k, v in cache.layers for t in (k, v)])  # (L*2, n_labels, H, P, D)
-        self.table_.copy_(kv.permute(1, 3, 0, 2, 4).reshape_as(self.table_))  # the inverse of cache()'s view
+    def init_from_tokens(self, model, tokens, steps=500, lr=1e-4):
+        """tokens (n_labels, P): start from real words' keys and values. The table takes them as they are; an MLP
+        is fitted to them, as the paper's low-data runs do (its code: Adam, lr 1e-4, 500 steps of mean squared
+        error, the MLP's layers trained and its input embedding left as drawn)."""
+        with torch.no_grad():
+            cache = KVCache()
+            model.hidden(model.wte(tokens), cache)  # (n_labels, H, P, D) per layer
+            kv = torch.stack([t for k, v in cache.layers for t in (k, v)])  # (L*2, n_labels, H, P, D)
+            target = kv.permute(1, 3, 0, 2, 4).reshape(len(tokens), self.prefix_len, -1).float()  # cache()'s inverse
+        if self.mlp is None:
+            with torch.no_grad():
+                self.table_.copy_(target)
+            return
+        with torch.enable_grad():
+            for mlp, want in zip(self.mlp, target):
+                layers = [p for name, p in mlp.named_parameters() if not name.startswith("wte")]
+                opt = torch.optim.Adam(layers, lr=lr)
+                for _ in range(steps):
+                    loss = torch.nn.functional.mse_loss(mlp(), want)
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
 
 
 class EmbeddingPrefix(nn.Module):
     """The simpler baseline (a soft prompt): P trainable vectors per label before the token embeddings.
     Only the input changes; every layer's keys and values of those P positions come from the frozen model."""
+    kind, peft_type, steers, mixes = "embedding", "PROMPT_TUNING", True, True
 
     def __init__(self, config, n_labels, prefix_len):
         super().__init__()
@@ -88,6 +112,12 @@ class EmbeddingPrefix(nn.Module):
 
     def table(self):  # -> (n_labels, P, C)
         return self.table_
+
+    def apply(self, model, weights):
+        return model, self.cache(model, weights)
+
+    def save(self, path, model, labels, info=None):
+        return save_prefix(path, self, model.name_or_path, labels, info)
 
     def cache(self, model, weights):  # weights (B, n_labels) -> KVCache of P positions
         vectors = torch.einsum("bn,npc->bpc", weights.to(self.table_), self.table_).to(model.dtype)  # the mix: (B, P, C)
@@ -125,9 +155,10 @@ def label_weights(n_labels, label=None, alpha=None, weights=None):
 
 # ---- checkpoints: the final prefix (after the MLP) and what it was trained for ----
 
-def save_prefix(path, prefix, base_model, labels, info=None):
+def save_prefix(path, prefix, base_model, labels, info=None, trained_with_mlp=None):
     """Write atomically: a crash mid-write leaves the previous checkpoint, never half of one.
-    base_model: what GPT2.from_pretrained should load for this prefix (model.name_or_path)."""
+    base_model: what GPT2.from_pretrained should load for this prefix (model.name_or_path). trained_with_mlp:
+    default, whether this prefix has its MLP (an imported table may say otherwise)."""
     c = prefix.config
     table = prefix.table().detach().float().cpu()
     if isinstance(prefix, KVPrefix):
@@ -135,7 +166,7 @@ def save_prefix(path, prefix, base_model, labels, info=None):
     meta = {"format": FORMAT, "mode": "kv" if isinstance(prefix, KVPrefix) else "embedding",
             "prefix_len": str(prefix.prefix_len), "labels": json.dumps(list(labels)),
             "base_model": str(base_model), "base_config": json.dumps(vars(c)),
-            "trained_with_mlp": json.dumps(prefix.mlp is not None), "info": json.dumps(info or {})}
+            "trained_with_mlp": json.dumps(prefix.mlp is not None if trained_with_mlp is None else trained_with_mlp), "info": json.dumps(info or {})}
     with atomic_path(path) as tmp:
         save_file({"prefix": table.contiguous()}, tmp, metadata=meta)
     return table.numel()

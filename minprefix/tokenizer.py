@@ -12,8 +12,9 @@ class Tokenizer:
         try:
             self.enc = tiktoken.get_encoding("gpt2")
         except Exception as e:  # tiktoken downloads the BPE files once, then reads its cache
-            raise OSError("tiktoken could not load the gpt2 encoding (no network and no cache?): set "
-                          "TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cached gpt2 files") from e
+            raise OSError("tiktoken could not load the gpt2 encoding (no network, and not in its cache): set "
+                          "TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cached gpt2 files (on this project's "
+                          "offline machines: export TIKTOKEN_CACHE_DIR=../shared/tiktoken)") from e
         self.eot = EOT
 
     def encode(self, text):  # str -> list[int]; "<|endoftext|>" inside a text is plain text, not the token

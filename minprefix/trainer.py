@@ -1,9 +1,15 @@
-"""The training loop. Prefix-tuning: GPT-2 frozen, AdamW on the prefix (and its MLP) only, the loss on each text
-given its own label's prefix. Fine-tuning (the paper's baseline): AdamW on every GPT-2 weight, no prefix.
+"""The training loop, the same for every method (minprefix/method.py): AdamW on what the method trains (a prefix
+and its MLP, a LoRA, or every GPT-2 weight), the loss on each text given its own label.
 
-After every epoch: the held-out loss, the checkpoint of the epoch kept so far (--keep best: the lowest held-out
-loss; last: the latest), a loss plot, and the state a run resumes from (optimizer, schedule, data order,
-random state), written beside the checkpoint. Ctrl-C keeps what the run had.
+After every epoch: the held-out pass (the loss, and for two or more labels how well each label's prefix tells its
+own texts from the others': the steering measure), the checkpoint of the epoch kept so far, a loss plot, and the
+state a run resumes from (optimizer, schedule, data order, random state), written beside the checkpoint and
+removed once the run has finished (unless asked to keep it). Ctrl-C keeps what the run had.
+
+Which epoch is kept (keep="best"): with two or more labels the one whose prefixes steer best on held-out texts
+(the highest mean margin, below); with one label (a task prefix, E2E) the lowest held-out loss. keep="last": the
+latest. The held-out language-model loss measures how well the prefixes predict texts, not whether they pull
+apart: two runs differing by 0.0004 in it were measured 0.06 and 0.32 apart in how far their dial turns.
 """
 import json
 import math
@@ -16,17 +22,6 @@ from tqdm import tqdm
 from minprefix import fast
 from minprefix.data import batches
 from minprefix.files import atomic_path
-from minprefix.prefix import make_prefix, save_prefix
-
-
-def build_prefix(mode, model, labels, prefix_len, mlp, tokenizer):
-    """A fresh prefix per label. Without the MLP, the paper's advice (section 7.2): start from real words'
-    activations rather than random ones; here each label's own name, repeated to fill P positions."""
-    prefix = make_prefix(mode, model.config, len(labels), prefix_len, mlp=mlp)
-    if prefix.mlp is None:
-        words = [(tokenizer.encode(f" {label}") * prefix_len)[:prefix_len] for label in labels]
-        prefix.init_from_tokens(model, torch.tensor(words, device=model.device))
-    return prefix
 
 
 def lm_loss(model, idx, targets, kv_cache=None):
@@ -35,23 +30,60 @@ def lm_loss(model, idx, targets, kv_cache=None):
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
 
 
-def prefix_loss(model, prefix, idx, targets, labels, loss=lm_loss):
-    """Each example's loss given its own label's prefix: the pure prefix of that label, as the cache it starts from."""
-    return loss(model, idx, targets, prefix.cache(model, F.one_hot(labels, prefix.n_labels).float()))
+def token_nll(model, idx, targets, kv_cache=None):
+    """The reference per-token loss: -log p(target) at each position (B, T), 0 where the target is -100."""
+    logits = model(idx, kv_cache)  # (B, T, V)
+    return F.cross_entropy(logits.transpose(1, 2).float(), targets, ignore_index=-100, reduction="none")
 
 
-def batch_loss(model, prefix, idx, targets, labels, loss=lm_loss):  # prefix None: fine-tuning, no prefix
-    return loss(model, idx, targets) if prefix is None else prefix_loss(model, prefix, idx, targets, labels, loss)
+def batch_loss(model, method, idx, targets, labels, loss=lm_loss):
+    """Each text's loss given its own label: the method applied with that label alone (a one-hot mix)."""
+    run, cache = method.apply(model, F.one_hot(labels, method.n_labels).float())
+    return loss(run, idx, targets, cache)
 
 
 @torch.no_grad()
-def evaluate(model, prefix, items, batch_size, device, loss=lm_loss):  # -> mean loss per target token
-    total, count = 0.0, 0
-    for idx, targets, labels in batches(items, batch_size):
-        n = (targets != -100).sum().item()
-        total += batch_loss(model, prefix, idx.to(device), targets.to(device), labels.to(device), loss).item() * n
-        count += n
-    return total / count
+def evaluate(model, method, items, batch_size, device, nll=token_nll):
+    """The held-out pass -> {"loss": mean loss per target token under each text's own label, and with two or more
+    labels "steer_acc", "steer_margin"}.
+
+    The steering measure reads each label's prefix as a classifier: every text is scored under every label (one
+    more forward per text and extra label), and its per-token loss under its own label is compared with the
+    lowest under another. steer_acc: the share of texts their own label explains best; steer_margin: the mean,
+    over texts, of (lowest other loss - own loss) in nats per token. Both 0-ish when the prefixes are alike."""
+    total, count, wins, margins = 0.0, 0, 0, []
+    n_labels = method.n_labels if getattr(method, "steers", False) else 1
+    for idx, targets, y in batches(items, batch_size):
+        idx, targets, y = idx.to(device), targets.to(device), y.to(device)
+        n = (targets != -100).sum(1)  # (B,) target tokens per text
+        if n_labels == 1:
+            run, cache = method.apply(model, F.one_hot(y, method.n_labels).float())
+            per_text = nll(run, idx, targets, cache).sum(1)  # (B,)
+            total, count = total + per_text.sum().item(), count + n.sum().item()
+            continue
+        per_label = []
+        for k in range(n_labels):  # every text under label k's prefix
+            run, cache = method.apply(model, F.one_hot(torch.full_like(y, k), n_labels).float())
+            per_label.append(nll(run, idx, targets, cache).sum(1))
+        per_label = torch.stack(per_label, 1)  # (B, n_labels) summed loss of each text under each label
+        own = per_label.gather(1, y[:, None])[:, 0]
+        total, count = total + own.sum().item(), count + n.sum().item()
+        others = per_label.scatter(1, y[:, None], float("inf")).min(1).values  # the best other label's
+        wins += int((own < others).sum())
+        margins += ((others - own) / n).tolist()
+    result = {"loss": total / count}
+    if n_labels > 1:
+        result.update(steer_acc=wins / len(margins), steer_margin=sum(margins) / len(margins))
+    return result
+
+
+def selection(method, keep):
+    """-> (the held-out figure that picks the kept epoch, True if higher is better)."""
+    if keep == "last":
+        return None, None
+    if getattr(method, "steers", False) and method.n_labels > 1:
+        return "steer_margin", True
+    return "loss", False
 
 
 def state_path(out):  # where the state a run resumes from goes, beside the checkpoint
@@ -62,81 +94,106 @@ def loss_plot_path(out):
     return str(out).rstrip("/").removesuffix(".safetensors") + ".loss.png"
 
 
-def read_resume_state(out, run):
-    """The state saved beside `out`, refused if it belongs to another run: names the first setting that differs."""
+class NothingToResume(Exception):
+    """--resume on a run that has already done every epoch asked for."""
+
+
+def read_resume_state(out, run, epochs):
+    """The state saved beside `out`, refused if it belongs to another run: names every setting that differs.
+    epochs may differ (a longer run extends this one); fewer epochs than already done, or as many, are refused."""
     path = state_path(out)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--resume: no saved state at {path} (a run writes it after each finished epoch)")
+        raise FileNotFoundError(f"--resume: no saved state at {path} (a run writes it after each finished epoch and "
+                                f"removes it when it has finished all its epochs, unless --keep-resume-state)")
     state = torch.load(path, weights_only=True)
-    for key, value in run.items():
-        before = state["run"].get(key)
-        if before != value:
-            raise ValueError(f"--resume: {path} is a run with {key} = {before!r}, this one asks for {value!r}; "
-                             f"resume with the same {key}, or start afresh without --resume")
+    differ = [f"{key} = {state['run'].get(key)!r}, this one asks for {value!r}" for key, value in run.items()
+              if key != "epochs" and state["run"].get(key) != value]
+    if differ:
+        raise ValueError(f"--resume: {path} is a run with " + "; ".join(differ) + ". Resume with the same settings, "
+                         f"or start afresh without --resume")
+    if epochs <= state["epoch"]:
+        raise NothingToResume(f"--resume: {path} has finished {state['epoch']} epochs of {state['run']['epochs']}: "
+                              f"nothing left to do for --epochs {epochs}; give a larger --epochs to train on")
     return state
 
 
-def train(model, prefix, train_items, val_items, labels, out, epochs=5, batch_size=2, lr=5e-5, seed=0,
-          device="cpu", info=None, keep="best", resume=False, group_by_length=False, run=None):
-    """Trains `prefix` (or, prefix None, every weight of `model`) in place; writes to `out` and beside it.
-    run: the settings that make a run (data, base model, hyperparameters); a resumed run must have the same.
-    -> history: {"step_loss", "val_loss" (per epoch), "steps_per_epoch", "kept_epoch", "interrupted", "resumed_at"}"""
+def schedule(step, total, warmup=0):
+    """The learning rate's factor at a step: linear warm-up over `warmup` steps, then linear decay to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, 1 - step / total) if warmup == 0 else max(0.0, (total - step) / (total - warmup))
+
+
+def train(model, method, train_items, val_items, labels, out, epochs=5, batch_size=2, lr=5e-5, seed=0,
+          device="cpu", info=None, keep="best", resume=False, group_by_length=False, run=None, weight_decay=0.0,
+          warmup=0, keep_state=False, log=tqdm.write):
+    """Trains `method` (minprefix/method.py) in place; writes to `out` and beside it. run: the settings that make
+    a run (data, base model, hyperparameters); a resumed run must have the same, but may ask for more epochs.
+    -> history: {"step_loss", "val" (the held-out pass per epoch), "val_loss", "steps_per_epoch", "kept_epoch",
+    "selected_by", "interrupted", "resumed_at", "finished"}"""
     if keep not in ("best", "last"):
         raise ValueError(f"keep must be 'best' or 'last', got {keep!r}")
     device = torch.device(device)
-    run = dict(run or {}, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, group_by_length=group_by_length)
-    loss_fn = fast.lm_loss if fast.enabled() else lm_loss
+    run = dict(run or {}, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, group_by_length=group_by_length,
+               weight_decay=weight_decay, warmup=warmup)
+    loss_fn, nll_fn = (fast.lm_loss, fast.token_nll) if fast.enabled() else (lm_loss, token_nll)
     if fast.enabled():
         fast.keep_freed_memory()
-    finetune = prefix is None
-    model.requires_grad_(finetune)
-    module = model if finetune else prefix
-    trainable = [p for p in module.parameters() if p.requires_grad]
-    # Weight decay would pull keys and values toward zero, which means nothing for a prefix (the paper uses none).
-    opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0, fused=device.type in ("cpu", "cuda"))
+    model.requires_grad_(False)
+    method.requires_grad_(True)  # fine-tuning's method holds the model itself: every weight
+    trainable = [p for p in method.parameters() if p.requires_grad]
+    # The paper uses no weight decay: it would pull a prefix's keys and values toward zero, which means nothing.
+    opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay, fused=device.type in ("cpu", "cuda"))
     steps_per_epoch = math.ceil(len(train_items) / batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / (epochs * steps_per_epoch))  # linear to 0
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule(s, epochs * steps_per_epoch, warmup))
     gen = torch.Generator().manual_seed(seed)
-    history = {"step_loss": [], "val_loss": [], "steps_per_epoch": steps_per_epoch, "kept_epoch": None,
-               "interrupted": False, "resumed_at": None}
+    metric, higher = selection(method, keep)
+    history = {"step_loss": [], "val": [], "val_loss": [], "steps_per_epoch": steps_per_epoch, "kept_epoch": None,
+               "selected_by": metric or "last", "interrupted": False, "resumed_at": None, "finished": False}
     first = 1
     if resume:
-        state = read_resume_state(out, run)
-        module.load_state_dict(state["trainable"])
+        state = read_resume_state(out, run, epochs)
+        method.load_state_dict(state["trainable"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         gen.set_state(state["data_order"])
         torch.set_rng_state(state["rng"])
         history.update(json.loads(state["history"]), resumed_at=state["epoch"])
         first = state["epoch"] + 1
-        tqdm.write(f"resuming after epoch {state['epoch']} of {epochs} from {state_path(out)}")
+        log(f"resuming after epoch {state['epoch']} of {epochs} from {state_path(out)}")
+        if epochs != state["run"]["epochs"]:
+            step = state["epoch"] * steps_per_epoch
+            log(f"extending the run from {state['run']['epochs']} to {epochs} epochs: the learning rate now follows "
+                f"the {epochs}-epoch schedule, {lr * schedule(step, epochs * steps_per_epoch, warmup):.3g} at step "
+                f"{step} (it was {opt.param_groups[0]['lr']:.3g}), linearly to 0 at step {epochs * steps_per_epoch}")
+            for group in opt.param_groups:  # LambdaLR keeps the old epoch's lr until its next step
+                group["lr"] = lr * schedule(step, epochs * steps_per_epoch, warmup)
 
-    def save(epoch, interrupted=False):  # the checkpoint users load: a prefix, or a model folder
+    def save(epoch, interrupted=False):  # the checkpoint users load: a prefix, a LoRA or a model folder
         steps = history["step_loss"][-steps_per_epoch:]
+        val = history["val"][epoch - 1] if 0 < epoch <= len(history["val"]) else {}
         meta = dict(info or {}, epoch=epoch, epochs_done=round(len(history["step_loss"]) / steps_per_epoch, 3),
                     steps=len(history["step_loss"]), interrupted=interrupted, lr=lr, batch_size=batch_size, seed=seed,
-                    val_loss=history["val_loss"][epoch - 1] if 0 < epoch <= len(history["val_loss"]) else None,
-                    train_loss=sum(steps) / max(1, len(steps)))
-        if finetune:
-            save_model(out, model, meta)
-        else:
-            save_prefix(out, prefix, model.name_or_path, labels, meta)
+                    val_loss=val.get("loss"), steer_acc=val.get("steer_acc"), steer_margin=val.get("steer_margin"),
+                    selected_by=history["selected_by"], train_loss=sum(steps) / max(1, len(steps)))
+        method.save(out, model, labels, meta)
 
     def save_state(epoch):  # what --resume needs, after a finished epoch
-        state = {"run": run, "epoch": epoch, "trainable": module.state_dict(), "optimizer": opt.state_dict(),
+        state = {"run": run, "epoch": epoch, "trainable": method.state_dict(), "optimizer": opt.state_dict(),
                  "scheduler": sched.state_dict(), "data_order": gen.get_state(), "rng": torch.get_rng_state(),
                  "history": json.dumps(history)}
         with atomic_path(state_path(out)) as tmp:
             torch.save(state, tmp)
 
     epoch = finished = first - 1
+    bar = tqdm(total=(epochs - first + 1) * steps_per_epoch, dynamic_ncols=True, unit="step")  # ETA: the whole run
     try:
         for epoch in range(first, epochs + 1):
-            bar = tqdm(batches(train_items, batch_size, shuffle=True, generator=gen, group_by_length=group_by_length),
-                       total=steps_per_epoch, desc=f"epoch {epoch}/{epochs}", dynamic_ncols=True)
+            bar.set_description(f"epoch {epoch}/{epochs}")
             running = None
-            for idx, targets, y in bar:
-                loss = batch_loss(model, prefix, idx.to(device), targets.to(device), y.to(device), loss_fn)
+            for idx, targets, y in batches(train_items, batch_size, shuffle=True, generator=gen,
+                                           group_by_length=group_by_length):
+                loss = batch_loss(model, method, idx.to(device), targets.to(device), y.to(device), loss_fn)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -144,76 +201,81 @@ def train(model, prefix, train_items, val_items, labels, out, epochs=5, batch_si
                 history["step_loss"].append(loss.item())
                 running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
                 bar.set_postfix(loss=f"{running:.3f}")
-            history["val_loss"].append(evaluate(model, prefix, val_items, batch_size, device, loss_fn))
-            best = min(history["val_loss"])
-            kept = keep == "last" or history["val_loss"][-1] <= best
+                bar.update()
+            val = evaluate(model, method, val_items, batch_size, device, nll_fn)
+            history["val"].append(val)
+            history["val_loss"].append(val["loss"])
+            if metric is None:
+                kept = True
+            else:
+                scores = [v[metric] for v in history["val"]]
+                kept = val[metric] == (max(scores) if higher else min(scores))
             if kept:
                 history["kept_epoch"] = epoch
                 save(epoch)
             save_state(epoch)
             finished = epoch
             save_loss_plot(history, loss_plot_path(out))
-            tqdm.write(f"epoch {epoch}: train loss {sum(history['step_loss'][-steps_per_epoch:]) / steps_per_epoch:.4f}"
-                       f"  held-out loss {history['val_loss'][-1]:.4f}"
-                       + ("  (kept)" if kept else f"  (keeping epoch {history['kept_epoch']}: {best:.4f})"))
+            kept_val = history["val"][history["kept_epoch"] - 1]
+            log(f"epoch {epoch}: train loss {sum(history['step_loss'][-steps_per_epoch:]) / steps_per_epoch:.4f}"
+                f"  held-out loss {val['loss']:.4f}"
+                + (f"  steering: {val['steer_acc']:.0%} of texts best explained by their own label, margin "
+                   f"{val['steer_margin']:+.4f} nats/token" if "steer_acc" in val else "")
+                + ("  (kept)" if kept else f"  (keeping epoch {history['kept_epoch']}: {metric} "
+                                           f"{kept_val[metric]:.4f})"))
+        history["finished"] = True
+        if not keep_state:
+            os.remove(state_path(out))
     except KeyboardInterrupt:
         history["interrupted"] = True
         if history["kept_epoch"] is None:  # nothing finished yet: keep the steps taken rather than nothing
             save(epoch, interrupted=True)
-            tqdm.write(f"interrupted in epoch {finished + 1}: the prefix so far is saved in {out}")
+            log(f"interrupted in epoch {finished + 1}: the {method.kind} so far is saved in {out}")
         else:
-            tqdm.write(f"interrupted in epoch {finished + 1}: {out} holds epoch {history['kept_epoch']}; "
-                       f"--resume continues after epoch {finished}")
+            log(f"interrupted in epoch {finished + 1}: {out} was left as it was, holding epoch "
+                f"{history['kept_epoch']}; --resume continues after epoch {finished}")
+    finally:
+        bar.close()
     return history
-
-
-def save_model(folder, model, info=None):
-    """A fine-tuned GPT-2 in the hub's layout (config.json + model.safetensors, Conv1D weights as (in, out)), so
-    that GPT2.from_pretrained, and HF transformers, load it."""
-    from safetensors.torch import save_file
-    c = model.config
-    tensors = {}
-    for name, t in model.state_dict().items():
-        if name == "lm_head.weight":  # tied to wte, as in the hub's files
-            continue
-        conv1d = name.endswith(("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"))
-        tensors[name] = (t.t() if conv1d else t).detach().float().cpu().contiguous()
-    config = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "activation_function": "gelu_new",
-              "n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd, "vocab_size": c.vocab_size,
-              "n_positions": c.n_positions, "n_ctx": c.n_positions, "layer_norm_epsilon": c.layer_norm_epsilon,
-              "bos_token_id": 50256, "eos_token_id": 50256, "tie_word_embeddings": True,
-              "minprefix": {"fine_tuned_from": model.name_or_path, **(info or {})}}
-    os.makedirs(folder, exist_ok=True)
-    with atomic_path(os.path.join(folder, "model.safetensors")) as tmp:
-        save_file(tensors, tmp, metadata={"format": "pt"})
-    with atomic_path(os.path.join(folder, "config.json")) as tmp:
-        with open(tmp, "w") as f:
-            json.dump(config, f, indent=2)
 
 
 def save_loss_plot(history, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     steps = history["step_loss"]
     if not steps:
         return
     k = max(1, len(steps) // 50)  # a moving average over ~2% of the run makes the trend readable
     smooth = [sum(steps[max(0, i - k + 1):i + 1]) / len(steps[max(0, i - k + 1):i + 1]) for i in range(len(steps))]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
     ax.plot(range(1, len(steps) + 1), steps, color="tab:blue", alpha=0.25, lw=0.8, label="train (per step)")
     ax.plot(range(1, len(steps) + 1), smooth, color="tab:blue", lw=1.5, label=f"train (mean of {k} steps)")
     n = history["steps_per_epoch"]
-    epochs = range(1, len(history["val_loss"]) + 1)
-    ax.plot([n * e for e in epochs], history["val_loss"], "o-", color="tab:orange", label="held-out (per epoch)")
-    if history.get("kept_epoch"):
+    val = history.get("val") or [{"loss": v} for v in history["val_loss"]]
+    ends = [n * e for e in range(1, len(val) + 1)]
+    ax.plot(ends, [v["loss"] for v in val], "o-", color="tab:orange", label="held-out loss (per epoch)", zorder=4)
+    lines = ax.get_legend_handles_labels()
+    if "steer_margin" in val[0]:  # the steering measure on its own axis
+        ax2 = ax.twinx()
+        ax2.plot(ends, [v["steer_margin"] for v in val], "s--", color="tab:green", ms=5,
+                 label="steering margin (nats/token, right)")
+        ax2.set_ylabel("held-out steering margin (nats per token)", color="tab:green")
+        h2, l2 = ax2.get_legend_handles_labels()
+        lines = (lines[0] + h2, lines[1] + l2)
+    if history.get("kept_epoch"):  # a hollow star around the kept epoch's point, which stays visible inside it
         e = history["kept_epoch"]
-        ax.plot([n * e], [history["val_loss"][e - 1]], "*", color="tab:red", ms=16, zorder=5,
-                label=f"kept: epoch {e}")
+        ax.plot([n * e], [val[e - 1]["loss"]], "*", ms=22, mfc="none", mec="tab:red", mew=1.8, zorder=5,
+                label=f"kept: epoch {e} ({history.get('selected_by', 'loss')})")
+        h, l = ax.get_legend_handles_labels()
+        lines = (lines[0] + h[-1:], lines[1] + l[-1:])
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlim(0.5, len(steps) + 0.5)
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats per token)")
     ax.set_title("training loss")
-    ax.legend()
+    ax.legend(*lines, fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     with atomic_path(path) as tmp:

@@ -11,6 +11,10 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MINPREFIX_SHARED", REPO.parent / "shared"))
 # .ci/run points this at ../shared/models/imdb-gpt2-19m: a small GPT-2-architecture LM, NOT GPT-2
 OFFLINE_MODEL = Path(os.environ.get("MINPREFIX_TEST_MODEL", SHARED / "models" / "imdb-gpt2-19m"))
+# tiktoken's GPT-2 BPE, offline: ../shared/tiktoken where it exists and nothing else was set (the scripts the tests
+# start inherit it)
+if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED / "tiktoken").is_dir():
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED / "tiktoken")
 
 
 @pytest.fixture(scope="session")

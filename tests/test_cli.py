@@ -1,5 +1,6 @@
 """train.py -> sample.py -> eval.py end to end on the offline model, and their errors."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -83,7 +84,7 @@ def test_sample_refuses_alpha_outside_0_1_unless_asked(trained):
 
 def test_sample_unknown_sentiment(trained):
     p = run("sample.py", "--prefix", trained[0], "--sentiment", "neutral", check=False)
-    assert p.returncode == 2 and "this prefix knows positive, negative" in p.stderr
+    assert p.returncode == 2 and "this checkpoint knows positive, negative" in p.stderr
 
 
 def test_eval_writes_table_json_and_plot(trained, small_data, tmp_path):
@@ -145,21 +146,35 @@ def test_resume_after_ctrl_c_ends_with_the_uninterrupted_prefix(offline_model_di
     common = ["--model", offline_model_dir, "--data", small_data / "train.jsonl", "--val-data",
               small_data / "test.jsonl", "--mlp", "--epochs", 3, "--keep", "last", "--lr", "1e-3"]
     run("train.py", *common, "--out", tmp_path / "whole.safetensors")
+    assert not (tmp_path / "whole.resume.pt").exists()  # a finished run leaves no resume state behind
     out = tmp_path / "resumed.safetensors"
     code, stdout, _ = train_until([*common, "--out", out], "epoch 1:")
     assert code == 130 and "--resume continues after epoch 1" in stdout
+    assert f"{out} holds epoch 1, as written when it finished" in stdout and "saved" not in stdout.split("--resume")[-1]
+    # another learning rate and other data, both named at once: refused
+    other = tmp_path / "other.jsonl"
+    other.write_text((small_data / "train.jsonl").read_text().replace("great", "fine"))
+    changed = [c if c != "1e-3" else "2e-3" for c in common]
+    changed[3] = other
+    p = run("train.py", *changed, "--out", out, "--resume", check=False)
+    assert p.returncode == 2 and "lr = 0.001, this one asks for 0.002" in p.stderr and "a run with data = " in p.stderr
     p = run("train.py", *common, "--out", out, "--resume")
     assert "resuming after epoch 1 of 3" in p.stdout + p.stderr and "kept epoch 3" in p.stdout
     a, _ = load_prefix(tmp_path / "whole.safetensors")
     b, meta = load_prefix(out)
     assert (a.table() - b.table()).abs().max().item() <= 1e-6 and meta["info"]["epoch"] == 3
-    # another learning rate, other data, another base model: refused by name
-    p = run("train.py", *[c if c != "1e-3" else "2e-3" for c in common], "--out", out, "--resume", check=False)
-    assert p.returncode == 2 and "lr = 0.001, this one asks for 0.002" in p.stderr
-    other = tmp_path / "other.jsonl"
-    other.write_text((small_data / "train.jsonl").read_text().replace("great", "fine"))
-    p = run("train.py", *common[:3], other, *common[4:], "--out", out, "--resume", check=False)
-    assert p.returncode == 2 and "--resume" in p.stderr and "data" in p.stderr
+    p = run("train.py", *common, "--out", out, "--resume", check=False)  # finished: no state left to resume from
+    assert p.returncode == 2 and "no saved state" in p.stderr and "--keep-resume-state" in p.stderr
+
+
+def test_resume_extends_a_run_and_says_when_nothing_is_left(offline_model_dir, small_data, tmp_path):
+    common = ["--model", offline_model_dir, "--data", small_data / "train.jsonl", "--val-data",
+              small_data / "test.jsonl", "--lr", "1e-3", "--out", tmp_path / "p.safetensors", "--keep-resume-state"]
+    run("train.py", *common, "--epochs", 1)
+    p = run("train.py", *common, "--epochs", 1, "--resume")
+    assert p.returncode == 0 and "finished 1 epochs of 1: nothing left to do" in p.stdout
+    p = run("train.py", *common, "--epochs", 2, "--resume")
+    assert "extending the run from 1 to 2 epochs" in p.stdout + p.stderr and "epoch 2:" in p.stdout
 
 
 def test_trained_checkpoint_loads_from_another_folder(trained, tmp_path):
@@ -170,12 +185,13 @@ def test_trained_checkpoint_loads_from_another_folder(trained, tmp_path):
 
 
 def test_prompts_file_batched_equals_each_prompt_alone(trained, tmp_path):
-    prompts = ["The food", "I went to the labs because the mentors", "", "Our mentor said that"]
+    prompts = ["The food", "I went to the labs because the mentors", "A", "Our mentor said that"]
     (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
     p = run("sample.py", "--prefix", trained[0], "--prompts-file", tmp_path / "prompts.txt", "--temperature", 0,
             "--max-new-tokens", 25, "--alpha", 0.8, "--output", tmp_path / "out.jsonl")
     rows = [json.loads(l) for l in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in rows] == prompts and all(r["alpha"] == 0.8 for r in rows)
+    assert [(r["index"], r["prompt_index"], r["line"]) for r in rows] == [(i, i, i + 1) for i in range(4)]
     for prompt, row in zip(prompts, rows):
         alone = run("sample.py", "--prefix", trained[0], "--prompt", prompt, "--n", 1, "--temperature", 0,
                     "--max-new-tokens", 25, "--alpha", 0.8, "--output", tmp_path / "one.jsonl")
@@ -185,6 +201,50 @@ def test_prompts_file_batched_equals_each_prompt_alone(trained, tmp_path):
                         "--temperature", "0", "--max-new-tokens", "25", "--alpha", "0.8"], input="\n".join(prompts),
                        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert samples(p) == [f"[{i + 1}] {q}{r['text']}" for i, (q, r) in enumerate(zip(prompts, rows))]  # stdin
+
+
+def test_prompts_file_blank_lines_are_skipped_and_said(trained, tmp_path):
+    (tmp_path / "prompts.txt").write_text("The food\n\nThe labs\n   \nOur mentor\n\n")
+    p = run("sample.py", "--prefix", trained[0], "--prompts-file", tmp_path / "prompts.txt", "--temperature", 0,
+            "--max-new-tokens", 5, "--output", tmp_path / "out.jsonl")
+    assert "skipped blank lines 2, 4" in p.stderr
+    rows = [json.loads(l) for l in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [(r["prompt"], r["line"]) for r in rows] == [("The food", 1), ("The labs", 3), ("Our mentor", 5)]
+
+
+def test_stream_with_many_rows_prints_and_writes_every_sample(trained, tmp_path):
+    """--stream with --n 3, and with a two-prompt file: every sample printed once, with its own number and prompt,
+    and written to --output; each the text the same seed gives that row decoded alone."""
+    out = tmp_path / "s.jsonl"
+    p = run("sample.py", "--prefix", trained[0], "--stream", "--n", 3, "--max-new-tokens", 12, "--prompt", "The labs",
+            "--output", out)
+    rows = [json.loads(l) for l in out.read_text().splitlines()]
+    assert [r["sample"] for r in rows] == [0, 1, 2] and all(r["text"] is not None for r in rows)
+    assert samples(p) == [f"[{i + 1}] The labs{r['text']}" for i, r in enumerate(rows)]
+    assert len({r["text"] for r in rows}) > 1  # three samples, not one row printed three times
+    (tmp_path / "two.txt").write_text("The food\nOur mentor\n")
+    p = run("sample.py", "--prefix", trained[0], "--stream", "--prompts-file", tmp_path / "two.txt",
+            "--max-new-tokens", 12, "--temperature", 0, "--output", out)
+    rows = [json.loads(l) for l in out.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["The food", "Our mentor"] and all(r["text"] is not None for r in rows)
+    assert samples(p) == ["[1] The food" + rows[0]["text"], "[2] Our mentor" + rows[1]["text"]]
+    for r in rows:  # greedy: the same text as the prompt decoded alone, without streaming
+        alone = run("sample.py", "--prefix", trained[0], "--prompt", r["prompt"], "--n", 1, "--temperature", 0,
+                    "--max-new-tokens", 12, "--no-stream", "--output", tmp_path / "one.jsonl")
+        assert json.loads((tmp_path / "one.jsonl").read_text())["text"] == r["text"]
+
+
+def test_beam_search_honours_or_refuses_each_flag(trained, tmp_path):
+    for flag, value in (("--temperature", "0.7"), ("--seed", "3"), ("--top-p", "0.5"), ("--top-k", "5"),
+                        ("--stream", None)):
+        p = run("sample.py", "--prefix", trained[0], "--num-beams", 3, flag, *([value] if value else []), check=False)
+        assert p.returncode == 2 and f"{flag} does not apply to beam search" in p.stderr, (flag, p.stderr[-300:])
+    p = run("sample.py", "--prefix", trained[0], "--num-beams", 3, "--n", 3, "--max-new-tokens", 8,
+            "--prompt", "The labs", "--output", tmp_path / "b.jsonl")
+    rows = [json.loads(l) for l in (tmp_path / "b.jsonl").read_text().splitlines()]
+    assert [r["sample"] for r in rows] == [0, 1, 2] and len({r["text"] for r in rows}) == 3  # the 3 best hypotheses
+    p = run("sample.py", "--prefix", trained[0], "--num-beams", 3, "--n", 4, check=False)
+    assert p.returncode == 2 and "at most that many" in p.stderr
 
 
 def test_sample_streams_at_a_terminal(trained):
@@ -232,6 +292,10 @@ def test_e2e_slice_end_to_end(offline_model_dir, tmp_path):
     result = json.loads((tmp_path / "eval/eval.json").read_text())
     assert len(outputs) == 3 and len(refs) == 3 and all(refs)
     assert set(result["scores"]) == {"bleu", "nist", "rouge_l", "cider"}
+    scores = result["scores"]  # real numbers in their ranges, never NaN
+    assert 0 <= scores["bleu"] <= 100 and 0 <= scores["rouge_l"] <= 100 and 0 <= scores["cider"] <= 10
+    assert scores["nist"] is None or 0 <= scores["nist"] <= 15
+    assert all(o.strip() for o in outputs)  # at least 5 new tokens each (min_new_tokens): never empty
     assert result["settings"]["num_beams"] == 5 and result["settings"]["banned"] == [198, 628]
     assert "| BLEU | NIST | ROUGE-L | CIDEr |" in p.stdout
     run("train.py", *common, "--mode", "finetune", "--out", tmp_path / "ft")
@@ -255,7 +319,7 @@ def test_bad_flag_values_are_named(trained, offline_model_dir, small_data, tmp_p
             ("train.py", ["--limit", "0"], "--limit must be at least 1"),
             ("sample.py", ["--prefix", trained[0], "--top-p", "0"], "--top-p must be in (0, 1]"),
             ("sample.py", ["--prefix", trained[0], "--prompts-file", tmp_path / "none.txt"], "none.txt"),
-            ("eval.py", ["--prefix", trained[0], "--task", "e2e"], "is a prefix for labelled text")):
+            ("eval.py", ["--prefix", trained[0], "--task", "e2e"], "was trained on labelled text")):
         extra = ["--model", offline_model_dir, "--data", small_data / "train.jsonl"] if script == "train.py" else []
         p = run(script, *extra, *args, check=False)
         assert p.returncode != 0 and message in p.stderr, (script, args, p.stderr[-500:])
@@ -270,7 +334,23 @@ def test_bfloat16_end_to_end(trained, offline_model_dir, small_data, tmp_path):
     prefix, meta = load_prefix(out)
     assert prefix.table().dtype == torch.float32 and meta["info"]["dtype"] == "bfloat16"
     p = run("sample.py", "--prefix", out, "--dtype", "bfloat16", "--n", 2, "--max-new-tokens", 10)
-    assert len(samples(p)) == 2
+    assert len(samples(p)) == 2 and all(len(s.split()) > 3 for s in samples(p))
+    # the bfloat16 run's prefix works like one: in bfloat16 and in float32 the model under it picks the same next
+    # token at nearly every position of the held-out texts, and the prefix changes what the model predicts
+    from minprefix import GPT2, Tokenizer
+    from minprefix.data import batches, encode, read_jsonl
+    tok = Tokenizer()
+    items = encode(read_jsonl(small_data / "test.jsonl"), tok, ["positive", "negative"], 1000)
+    (idx, targets, y), = batches(items, len(items))
+    agree = []
+    with torch.no_grad():
+        for dtype in (torch.bfloat16, torch.float32):
+            model = GPT2.from_pretrained(offline_model_dir, dtype=dtype)
+            _, cache = prefix.apply(model, torch.nn.functional.one_hot(y, 2).float())
+            agree.append(model(idx, cache).float().argmax(-1)[targets != -100])
+            plain = model(idx).float().argmax(-1)[targets != -100]
+    assert (agree[0] == agree[1]).float().mean() > 0.95
+    assert (agree[1] != plain).any()
 
 
 def test_sentiment_eval_refuses_labels_its_judge_does_not_know(offline_model, tmp_path):
@@ -279,3 +359,72 @@ def test_sentiment_eval_refuses_labels_its_judge_does_not_know(offline_model, tm
     save_prefix(path, KVPrefix(offline_model.config, 2, 3), offline_model.name_or_path, ["good", "bad"])
     p = run("eval.py", "--prefix", path, "--out", tmp_path / "eval", check=False)
     assert p.returncode == 2 and "labels good, bad" in p.stderr and "only positive and negative" in p.stderr
+
+
+# ---- messages that name what is wrong (issue 15) ----
+
+def test_tone_flags_name_what_is_wrong(offline_model, tmp_path):
+    """A 3-label checkpoint with no tone flag asks for --sentiment or --weights (and blames no flag it was not
+    given); a 1-label checkpoint refuses --alpha instead of ignoring it; --weights of the wrong count is named."""
+    from minprefix.prefix import KVPrefix, save_prefix
+    three, one = tmp_path / "three.safetensors", tmp_path / "one.safetensors"
+    save_prefix(three, KVPrefix(offline_model.config, 3, 2), offline_model.name_or_path, ["a", "b", "c"])
+    save_prefix(one, KVPrefix(offline_model.config, 1, 2), offline_model.name_or_path, ["task"])
+    p = run("sample.py", "--prefix", three, "--n", 1, "--max-new-tokens", 3, check=False)
+    assert p.returncode == 2 and "has 3 labels (a, b, c): choose one with --sentiment, or a mix with --weights" in p.stderr
+    assert "--weights:" not in p.stderr
+    p = run("sample.py", "--prefix", three, "--weights", "0.5,0.5", check=False)
+    assert p.returncode == 2 and "--weights '0.5,0.5': 2 weights given for 3 labels" in p.stderr
+    p = run("sample.py", "--prefix", one, "--alpha", "0.2", check=False)
+    assert p.returncode == 2 and "--alpha mixes two labels" in p.stderr and "it has nothing to mix" in p.stderr
+    run("sample.py", "--prefix", three, "--weights", "0.2,0.3,0.5", "--n", 1, "--max-new-tokens", 3)
+
+
+def test_a_long_prefix_on_a_short_context_is_named_for_labelled_text(tmp_path, small_data):
+    from conftest import random_hf_gpt2, write_hub_layout
+    folder = write_hub_layout(random_hf_gpt2(n_layer=2, n_embd=32, n_head=2, n_positions=64), tmp_path / "tiny")
+    p = run("train.py", "--model", folder, "--data", small_data / "train.jsonl", "--val-data",
+            small_data / "test.jsonl", "--prefix-len", 62, "--out", tmp_path / "x.safetensors", check=False)
+    error = p.stderr.strip().splitlines()[-1]
+    assert p.returncode == 2 and "--prefix-len 62 leaves 2 of the model's 64 positions" in error
+    assert "source" not in error
+
+
+def test_e2e_names_a_base_model_as_such_and_writes_strict_json(offline_model_dir, tmp_path, monkeypatch):
+    """--model FOLDER that train.py did not fine-tune is 'base model ..., as it is'; a NIST the official scorer
+    cannot compute (no 5-gram in any output) is null in eval.json, which strict JSON parsers read."""
+    p = run("eval.py", "--task", "e2e", "--model", offline_model_dir, "--limit", 2, "--max-new-tokens", 2,
+            "--out", tmp_path / "eval")
+    text = (tmp_path / "eval/eval.json").read_text()
+    result = json.loads(text, parse_constant=lambda c: pytest.fail(f"eval.json holds {c}"))
+    assert "fine-tuned from" not in p.stdout and "as it is" in result["settings"]["system"]
+    assert result["scores"]["nist"] is None and "NIST: -" in p.stdout  # two-token outputs: no 5-gram
+    assert all(math.isfinite(result["scores"][k]) for k in ("bleu", "rouge_l", "cider"))
+
+
+def test_sentiment_eval_honours_limit_and_no_base_and_shows_progress(trained, small_data, tmp_path):
+    p = run("eval.py", "--prefix", trained[0], "--data", small_data / "test.jsonl", "--limit", 3, "--no-base",
+            "--n-samples", 1, "--sweep-samples", 1, "--max-new-tokens", 4, "--out", tmp_path)
+    result = json.loads((tmp_path / "eval.json").read_text())
+    names = [r["name"] for r in result["rows"]]
+    assert "base model, no prefix" not in names and names[0] == "K/V prefix + MLP, P=10"
+    assert result["rows"][0]["n_generations"] == 3 and result["rows"][-1]["n_generations"] == 3
+    assert "continuations" in p.stderr and "100%" in p.stderr  # the progress bar ran to its end
+    sweep = result["rows"][0]
+    assert set(sweep["alpha_sweep_ci"]) == {"0.0", "0.25", "0.5", "0.75", "1.0"} and "dial_slope" in sweep
+
+
+def test_loss_plot_has_integer_steps_and_the_kept_point_visible(monkeypatch, tmp_path):
+    import matplotlib.pyplot as plt
+    from minprefix.trainer import save_loss_plot
+    figures = []
+    monkeypatch.setattr(plt, "close", lambda fig: figures.append(fig))
+    save_loss_plot({"step_loss": [5.0, 4.0, 3.5], "val": [{"loss": 4.2, "steer_margin": 0.1, "steer_acc": 0.6}],
+                    "val_loss": [4.2], "steps_per_epoch": 3, "kept_epoch": 1, "selected_by": "steer_margin"},
+                   tmp_path / "p.png")
+    ax = figures[0].axes[0]
+    ticks = [t for t in ax.get_xticks() if 0.5 <= t <= 3.5]
+    assert ticks and all(float(t).is_integer() for t in ticks)
+    star = [l for l in ax.get_lines() if l.get_marker() == "*"][0]
+    assert star.get_markerfacecolor() == "none"  # hollow: the held-out point inside it stays visible
+    assert len(figures[0].axes) == 2  # the steering margin on its own axis

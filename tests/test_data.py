@@ -110,3 +110,45 @@ def test_source_jsonl(tmp_path):
     path = write(tmp_path, [json.dumps({"source": "a : b", "text": "A is b ."})])
     (e,) = read_data(path)
     assert (e.source, e.text, e.label) == ("a : b", "A is b .", "task")
+
+
+# ---- the kind of a JSON Lines file is read off every row, not guessed from the first ----
+
+def test_labelled_rows_with_a_source_field_are_refused_unless_the_format_says(tmp_path):
+    """Rows with both 'sentiment' and 'source' could be either kind: refused, naming the line and --format; with
+    --format labelled they are labelled text (the sentiments kept), with --format source source -> text."""
+    from minprefix.data import read_data
+    both = [json.dumps({"text": "The labs were great.", "sentiment": "positive", "source": "review site"}),
+            json.dumps({"text": "The food was cold.", "sentiment": "negative", "source": "email"})]
+    path = write(tmp_path, both)
+    with pytest.raises(ValueError, match=r"d\.jsonl:1: the row has both 'sentiment' and 'source'.*--format labelled"):
+        read_data(path)
+    examples = read_data(path, format="labelled")
+    assert [(e.label, e.source) for e in examples] == [("positive", None), ("negative", None)]
+    examples = read_data(path, format="source")
+    assert [(e.label, e.source) for e in examples] == [("task", "review site"), ("task", "email")]
+
+
+def test_a_file_mixing_the_two_kinds_is_refused_at_the_first_row_that_differs(tmp_path):
+    from minprefix.data import read_data
+    path = write(tmp_path, [row(), row(), json.dumps({"source": "a : b", "text": "A is b ."}), row()])
+    with pytest.raises(ValueError, match=r"d\.jsonl:3: a source row .* but .*d\.jsonl:1 is labelled.*--format"):
+        read_data(path)
+
+
+@pytest.mark.parametrize("first", ["5", "[1, 2]", '"text"', "null"])
+def test_a_first_line_that_is_json_but_no_object_is_named(tmp_path, first):
+    from minprefix.data import read_data
+    path = write(tmp_path, [first, row()])
+    with pytest.raises(ValueError, match=r"d\.jsonl:1: expected a JSON object"):
+        read_data(path)
+
+
+def test_format_flag_is_checked(tmp_path):
+    from minprefix.data import read_data
+    with pytest.raises(ValueError, match="format must be one of labelled, source"):
+        read_data(write(tmp_path, [row()]), format="table")
+    e2e = tmp_path / "t.txt"
+    e2e.write_text("name : X||X is a pub .\n")
+    with pytest.raises(ValueError, match="--format labelled needs JSON Lines"):
+        read_data(e2e, format="labelled")

@@ -62,7 +62,7 @@ def test_vader_gap_and_accuracies_follow_the_judge(offline_model, monkeypatch):
     labels = ["positive", "negative"]
     examples = [Example("one two three four", "positive", "t:1"), Example("five six seven eight", "negative", "t:2")]
 
-    def fake(model, tok, prompts, weights, prefix, max_new_tokens, seed, **kw):
+    def fake(model, tok, prompts, weights, prefix, max_new_tokens, seed, progress=None, **kw):
         return [" good" if (w[0] > 0.5) else " bad" for w in weights]
     monkeypatch.setattr(evaluation, "continue_prompts", fake)
     prefix = KVPrefix(offline_model.config, 2, 2)

@@ -33,6 +33,16 @@ def test_top_k_and_top_p_restrict_the_support():
     assert f[0] == 1.0
 
 
+def test_top_k_keeps_every_token_tied_with_the_kth():
+    """Ties at the k-th logit: all tied tokens stay in the support (HF's rule), so top_k=2 on [3, 1, 1, 1, 0]
+    draws the three tied tokens too, equally often; dropping ties would leave token 0 alone with token 1."""
+    logits = torch.tensor([[3.0, 1.0, 1.0, 1.0, 0.0]])
+    f = frequencies(logits, top_k=2, n=20000)
+    p = torch.tensor([3.0, 1.0, 1.0, 1.0]).softmax(-1)  # renormalised over token 0 and the three tied ones
+    assert f[4] == 0 and (f[1:4] > 0).all()
+    assert torch.allclose(f[:4], p, atol=0.015)
+
+
 def test_top_k_then_top_p_on_a_flat_distribution():
     """top-k first, then the nucleus of what is left, renormalised (HF's order). On a nearly flat distribution
     the nucleus is large: every one of its tokens must be drawable, and none outside it."""
@@ -120,3 +130,34 @@ def test_prompts_of_different_lengths_decode_as_they_would_alone(offline_model):
     assert real.sum(1).tolist() == [len(p) for p in prompts]
     batched = generate(offline_model, idx, 30, real=real, temperature=0, eot=None)
     assert batched == [generate(offline_model, torch.tensor([p]), 30, temperature=0, eot=None)[0] for p in prompts]
+
+
+def test_beam_search_through_generate_on_both_paths_and_sampling_flags_refused(offline_model):
+    """generate(..., num_beams=3) is beam search on the reference and the fast path alike; the sampling
+    settings, which beam search cannot use, are refused by name rather than failing with a TypeError."""
+    from minprefix import fast
+    from minprefix.beam import beam_search
+    idx = torch.tensor([[50256, 464, 2646]])
+    want = beam_search(offline_model, idx, 3, 8)
+    assert generate(offline_model, idx, 8, num_beams=3) == want == fast.generate(offline_model, idx, 8, num_beams=3)
+    for bad in (dict(temperature=0.7), dict(seed=1), dict(top_k=5), dict(top_p=0.5)):
+        for decode in (generate, fast.generate):
+            with pytest.raises(ValueError, match=f"{list(bad)[0]}= does not apply to beam search"):
+                decode(offline_model, idx, 8, num_beams=3, **bad)
+
+
+def test_an_empty_prompt_is_a_clear_error_on_both_paths(offline_model):
+    from minprefix import fast
+    from minprefix.prefix import KVPrefix
+    prefix = KVPrefix(offline_model.config, 2, 3)
+    cache = prefix.cache(offline_model, label_weights(2, label=0))
+    empty = torch.zeros(1, 0, dtype=torch.long)
+    for decode in (generate, fast.generate):
+        for kv in (None, cache):
+            with pytest.raises(ValueError, match="a prompt has no tokens"):
+                decode(offline_model, empty, 5, kv_cache=kv)
+    idx, real = pad_left([[]])
+    assert idx.dtype == torch.long and real.dtype == torch.bool and idx.shape == (1, 0)
+    idx, real = pad_left([[50256, 11], []])  # one row empty, padded all the way: refused too
+    with pytest.raises(ValueError, match="a prompt has no tokens"):
+        generate(offline_model, idx, 5, real=real)

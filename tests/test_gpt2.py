@@ -111,6 +111,7 @@ def test_error_offline_and_not_cached(tmp_path, monkeypatch):
         GPT2.from_pretrained("gpt2-medium")
     msg = str(e.value)
     assert "hub is unreachable" in msg and str(tmp_path / "empty-cache") in msg and "local folder" in msg
+    assert "MINPREFIX_MODEL=" in msg and "../shared/models/imdb-gpt2-19m" in msg  # the variable and the folder
 
 
 def test_error_shape_mismatch(tmp_path):
@@ -185,3 +186,15 @@ def test_left_padding_gives_each_row_its_own_logits(offline_model):
         for row, p in enumerate(prompts):
             alone = offline_model(torch.tensor([p]))[0]
             assert (batched[row, -len(p):] - alone).abs().max().item() <= 1e-5
+
+
+def test_offline_errors_name_the_variable_and_the_folder(monkeypatch):
+    """Both settings an offline machine needs are named by the errors that ask for them."""
+    import tiktoken
+    from minprefix import Tokenizer
+
+    def no_network(name):
+        raise ConnectionError("no network")
+    monkeypatch.setattr(tiktoken, "get_encoding", no_network)
+    with pytest.raises(OSError, match=r"TIKTOKEN_CACHE_DIR=\.\./shared/tiktoken"):
+        Tokenizer()

@@ -10,7 +10,8 @@ from minprefix import Tokenizer, generate
 from minprefix.data import batches, encode, label_names, read_jsonl
 from minprefix.evaluation import Judge
 from minprefix.prefix import label_weights
-from minprefix.trainer import build_prefix, prefix_loss, train
+from minprefix.method import build
+from minprefix.trainer import batch_loss, train
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +24,7 @@ def tuned(offline_model, tmp_path_factory):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         items = [encode(s, tok, labels, 1000) for s in (train_set, test_set)]
-    prefix = build_prefix("kv", offline_model, labels, 10, False, tok)
+    prefix = build("kv", offline_model, labels, tok, 10, False)
     out = tmp_path_factory.mktemp("mech") / "p.safetensors"
     history = train(offline_model, prefix, *items, labels, out, epochs=2, lr=2e-2, seed=0)
     return prefix.requires_grad_(False), labels, items[1], history
@@ -39,7 +40,7 @@ def test_each_prefix_explains_its_own_label_better(offline_model, tuned):
             for used in range(2):
                 rows = [it for it in held_out if it[2] == true]
                 (idx, targets, _), = batches(rows, len(rows))
-                losses.append(prefix_loss(offline_model, prefix, idx, targets, torch.full((len(rows),), used)).item())
+                losses.append(batch_loss(offline_model, prefix, idx, targets, torch.full((len(rows),), used)).item())
             print(f"{labels[true]} texts: loss {losses[true]:.3f} under their own prefix, {losses[1 - true]:.3f} under the other")
             assert losses[true] < losses[1 - true] - 0.01
 

@@ -104,7 +104,7 @@ def checkpoints(offline_model, tmp_path_factory):
         with torch.no_grad():
             prefix.table_.add_(0.3 * torch.randn_like(prefix.table_))
         paths[mode] = root / f"{mode}.safetensors"
-        save_prefix(paths[mode], prefix, offline_model.name_or_path, LABELS)
+        save_prefix(paths[mode], prefix, offline_model.name_or_path, LABELS, {"note": f"a {mode} test checkpoint"})
     return paths
 
 
@@ -122,7 +122,8 @@ def copy_adapter(src, dst, **fields):
 def test_export_loads_in_peft_with_our_logits(offline_model_dir, offline_model, checkpoints, peft_adapters, tmp_path, mode):
     folders = export_adapters(checkpoints[mode], tmp_path / "out")
     assert [f.name for f in folders] == LABELS
-    assert sorted(p.name for p in folders[0].iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in folders[0].iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                            "minprefix.json"]  # PEFT ignores the third
     config = json.loads((folders[0] / "adapter_config.json").read_text())
     peft_config = peft.PrefixTuningConfig() if mode == "kv" else peft.PromptTuningConfig()
     assert set(config) == set(peft_config.to_dict())  # every field PEFT 0.21 writes, no other
@@ -195,7 +196,36 @@ def test_round_trip_export_import(offline_model, checkpoints, tmp_path, mode):
     before, m0 = load_prefix(checkpoints[mode], offline_model)
     after, m1 = load_prefix(tmp_path / "back.safetensors", offline_model)
     assert m1["mode"] == m0["mode"] and m1["labels"] == m0["labels"] and m1["base_model"] == m0["base_model"]
+    assert m1["trained_with_mlp"] == m0["trained_with_mlp"] and m1["info"]["note"] == m0["info"]["note"]
     assert torch.equal(after.table(), before.table())  # bit for bit
+
+
+def test_a_conditional_prefix_survives_the_round_trip_and_eval_takes_it(offline_model, tmp_path):
+    """An E2E (source -> text) task prefix, exported and imported back, is still conditional (eval.py --task e2e
+    takes it); adapters PEFT itself trained on tables come in as conditional with --conditional."""
+    import subprocess
+    import sys
+    from conftest import REPO, SHARED
+    torch.manual_seed(0)
+    prefix = make_prefix("kv", offline_model.config, 1, 5, mlp=True)
+    ckpt = tmp_path / "e2e.safetensors"
+    save_prefix(ckpt, prefix, offline_model.name_or_path, ["task"], {"conditional": True, "task": "source -> text"})
+    folders = export_adapters(ckpt, tmp_path / "out")
+    import_adapters(folders, ["task"], tmp_path / "back.safetensors")
+    _, meta = load_prefix(tmp_path / "back.safetensors", offline_model)
+    assert meta["info"]["conditional"] is True and meta["trained_with_mlp"] == "true"
+    for f in folders:  # as PEFT would have saved them: no minprefix.json
+        (f / "minprefix.json").unlink()
+    import_adapters(folders, ["task"], tmp_path / "plain.safetensors")
+    assert not load_prefix(tmp_path / "plain.safetensors")[1]["info"].get("conditional")
+    main(["import", str(folders[0]), "--labels", "task", "--conditional", "--out", str(tmp_path / "peft.safetensors")])
+    assert load_prefix(tmp_path / "peft.safetensors")[1]["info"]["conditional"] is True
+    p = subprocess.run([sys.executable, str(REPO / "eval.py"), "--task", "e2e", "--prefix",
+                        str(tmp_path / "peft.safetensors"), "--data", str(SHARED / "data/e2e/test.txt.gz"),
+                        "--limit", "1", "--max-new-tokens", "3", "--out", str(tmp_path / "eval")],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads((tmp_path / "eval/eval.json").read_text())["settings"]["tables"] == 1
 
 
 def test_old_adapter_model_bin(offline_model, peft_adapters, tmp_path):
@@ -300,7 +330,9 @@ def test_refuses_weights_that_do_not_fit_the_config(peft_adapters, tmp_path):
 
 def test_cli(offline_model, checkpoints, peft_adapters, tmp_path, capsys):
     assert main(["export", str(checkpoints["kv"]), str(tmp_path / "out")]) == 0
-    assert "wrote" in capsys.readouterr().out and (tmp_path / "out/negative/adapter_model.safetensors").is_file()
+    out = capsys.readouterr().out
+    assert "wrote" in out and (tmp_path / "out/negative/adapter_model.safetensors").is_file()
+    assert "PeftModel.generate drops it" in out and "dtype=torch.float32" in out  # what a PEFT user must know
     assert main(["export", str(checkpoints["kv"]), str(tmp_path / "hub"), "--base-model", "openai-community/gpt2"]) == 0
     assert json.loads((tmp_path / "hub/positive/adapter_config.json").read_text())["base_model_name_or_path"] == \
         "openai-community/gpt2"

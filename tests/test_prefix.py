@@ -4,7 +4,8 @@ import torch
 
 from minprefix import GPT2, KVCache, Tokenizer
 from minprefix.prefix import EmbeddingPrefix, KVPrefix, label_weights, load_prefix, make_prefix, save_prefix
-from minprefix.trainer import build_prefix, prefix_loss
+from minprefix.method import build
+from minprefix.trainer import batch_loss
 
 TOL = 1e-4
 
@@ -70,12 +71,12 @@ def test_prefix_of_real_tokens_equals_prepending_them(offline_model, mode):
 def test_only_the_prefix_learns(offline_model_dir, mode, mlp):
     model = GPT2.from_pretrained(offline_model_dir)  # its own copy: the shared fixture may carry other tests' grads
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    prefix = build_prefix(mode, model, ["positive", "negative"], 5, mlp, Tokenizer())
+    prefix = build(mode, model, ["positive", "negative"], Tokenizer(), 5, mlp)
     start = {k: v.clone() for k, v in prefix.state_dict().items()}
     opt = torch.optim.AdamW(prefix.parameters(), lr=1e-3)
     model.requires_grad_(False)
     idx, targets = torch.randint(0, 50257, (2, 12)), torch.randint(0, 50257, (2, 12))
-    loss = prefix_loss(model, prefix, idx, targets, torch.tensor([0, 1]))
+    loss = batch_loss(model, prefix, idx, targets, torch.tensor([0, 1]))
     loss.backward()
     assert all(p.grad is None for p in model.parameters())
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in prefix.parameters())

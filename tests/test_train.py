@@ -10,7 +10,8 @@ import minprefix.trainer as trainer
 from minprefix import GPT2, Tokenizer
 from minprefix.data import Example, batches, encode
 from minprefix.prefix import load_prefix
-from minprefix.trainer import build_prefix, read_resume_state, state_path, train
+from minprefix.method import FineTune, build
+from minprefix.trainer import read_resume_state, state_path, train
 
 LABELS = ["positive", "negative"]
 
@@ -27,7 +28,7 @@ def items():
 
 def fresh_prefix(model, mlp=True):
     torch.manual_seed(0)
-    return build_prefix("kv", model, LABELS, 4, mlp, Tokenizer())
+    return build("kv", model, LABELS, Tokenizer(), 4, mlp)
 
 
 def run(model, prefix, items, out, **kw):
@@ -35,67 +36,170 @@ def run(model, prefix, items, out, **kw):
     return train(model, prefix, items, items[:2], LABELS, out, **kw)
 
 
-def test_resumed_run_ends_where_the_uninterrupted_one_does(offline_model, items, tmp_path, monkeypatch):
-    whole = fresh_prefix(offline_model)
-    run(offline_model, whole, items, tmp_path / "whole.safetensors")
+SETUPS = [("kv", True, "last"), ("kv", False, "best"), ("embedding", False, "best"), ("lora", False, "last"),
+          ("finetune", False, "best")]
 
-    stopped = fresh_prefix(offline_model)
+
+def fresh(setup, offline_model_dir, shared_model):
+    """-> (model, method): a model of its own for fine-tuning (trained in place), the shared frozen one otherwise."""
+    mode, mlp, _ = setup
+    model = GPT2.from_pretrained(offline_model_dir) if mode == "finetune" else shared_model
+    torch.manual_seed(0)
+    return model, build(mode, model, LABELS, Tokenizer(), 4, mlp)
+
+
+def trained_state(method):
+    return {k: v.detach().clone() for k, v in method.state_dict().items()}
+
+
+@pytest.mark.parametrize("setup", SETUPS, ids=lambda s: f"{s[0]}{'+mlp' if s[1] else ''}-keep-{s[2]}")
+def test_resumed_run_ends_where_the_uninterrupted_one_does(setup, offline_model_dir, offline_model, items, tmp_path,
+                                                           monkeypatch):
+    """Every method, both keep rules: Ctrl-C in epoch 2's held-out pass, then --resume in a fresh process (a fresh
+    method, whatever it holds replaced by the saved state) ends with what the uninterrupted run ends with."""
+    keep = setup[2]
+    model, whole = fresh(setup, offline_model_dir, offline_model)
+    run(model, whole, items, tmp_path / "whole", keep=keep)
+
+    model, stopped = fresh(setup, offline_model_dir, offline_model)
     evaluate, calls = trainer.evaluate, []
 
-    def interrupt_in_epoch_2(*a, **kw):  # Ctrl-C during the second epoch's held-out pass
+    def interrupt_in_epoch_2(*a, **kw):
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
         return evaluate(*a, **kw)
     monkeypatch.setattr(trainer, "evaluate", interrupt_in_epoch_2)
-    out = tmp_path / "resumed.safetensors"
-    history = run(offline_model, stopped, items, out)
-    assert history["interrupted"] and history["kept_epoch"] == 1
+    out = tmp_path / "resumed"
+    history = run(model, stopped, items, out, keep=keep)
+    assert history["interrupted"] and history["kept_epoch"] == 1 and not history["finished"]
     assert torch.load(state_path(out), weights_only=True)["epoch"] == 1
     monkeypatch.setattr(trainer, "evaluate", evaluate)
 
-    resumed = fresh_prefix(offline_model)  # a new process would start from a fresh prefix too
-    resumed.mlp[0].c_fc.weight.data.add_(1.0)  # and whatever it holds is replaced by the saved state
-    history = run(offline_model, resumed, items, out, resume=True)
-    assert history["resumed_at"] == 1 and len(history["val_loss"]) == 3 and not history["interrupted"]
+    model, resumed = fresh(setup, offline_model_dir, offline_model)
     with torch.no_grad():
-        d = (whole.table() - resumed.table()).abs().max().item()
+        for p in resumed.parameters():
+            p.add_(1.0)
+    history = run(model, resumed, items, out, resume=True, keep=keep)
+    assert history["resumed_at"] == 1 and len(history["val"]) == 3 and history["finished"]
+    a, b = trained_state(whole), trained_state(resumed)
+    assert a.keys() == b.keys()
+    d = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
     assert d <= 1e-6, d
-    a, _ = load_prefix(tmp_path / "whole.safetensors")
-    b, _ = load_prefix(out)
-    assert (a.table() - b.table()).abs().max().item() <= 1e-6
+    assert not os.path.exists(state_path(out))  # a finished run leaves no resume state
 
 
-def test_resume_refuses_another_run_by_name(offline_model, items, tmp_path):
+def test_resume_refuses_another_run_naming_every_difference(offline_model, items, tmp_path):
     out = tmp_path / "p.safetensors"
-    run(offline_model, fresh_prefix(offline_model, mlp=False), items, out, epochs=1)
-    for change, name in ((dict(lr=2e-3), "lr"), (dict(batch_size=3), "batch_size"), (dict(epochs=2), "epochs"),
-                         (dict(run={"data": "other"}), "data"), (dict(seed=6), "seed")):
-        with pytest.raises(ValueError, match=f"{name} = .*this one asks for"):
-            run(offline_model, fresh_prefix(offline_model, mlp=False), items, out, resume=True,
-                **dict(dict(epochs=1), **change))
+    run(offline_model, fresh_prefix(offline_model, mlp=False), items, out, epochs=1, keep_state=True)
+    with pytest.raises(ValueError) as e:
+        run(offline_model, fresh_prefix(offline_model, mlp=False), items, out, resume=True, epochs=2, lr=2e-3,
+            batch_size=3, seed=6, run={"data": "other"})
+    for name in ("lr = 0.001, this one asks for 0.002", "batch_size = 2", "seed = 5", "data = 't'"):
+        assert name in str(e.value), (name, str(e.value))
+    assert "epochs" not in str(e.value)  # more epochs extend a run: not a difference
     with pytest.raises(FileNotFoundError, match="no saved state"):
-        read_resume_state(tmp_path / "nothing.safetensors", {})
+        read_resume_state(tmp_path / "nothing.safetensors", {}, 1)
 
 
-def test_keep_best_keeps_the_epoch_with_the_lowest_held_out_loss(offline_model, items, tmp_path, monkeypatch):
-    losses, tables = iter([3.0, 2.0, 2.5]), []
+def test_resume_says_there_is_nothing_to_do_and_extends_a_finished_run(offline_model, items, tmp_path, capsys):
+    """A run kept its state (keep_state); --resume with as many epochs has nothing to do; with more it goes on, the
+    learning rate following the longer run's schedule from the step it had reached."""
+    out = tmp_path / "p.safetensors"
+    run(offline_model, fresh_prefix(offline_model, mlp=False), items, out, epochs=2, keep_state=True)
+    with pytest.raises(trainer.NothingToResume, match="finished 2 epochs of 2: nothing left to do"):
+        run(offline_model, fresh_prefix(offline_model, mlp=False), items, out, epochs=2, resume=True)
+    seen, step = [], torch.optim.AdamW.step
 
-    def fake_evaluate(model, prefix, *a, **kw):  # held-out losses that dip at epoch 2
-        with torch.no_grad():
-            tables.append(prefix.table().clone())
-        return next(losses)
-    monkeypatch.setattr(trainer, "evaluate", fake_evaluate)
-    for keep, epoch in (("best", 2), ("last", 3)):
-        losses = iter([3.0, 2.0, 2.5])
-        tables.clear()
+    def record(self, *a, **kw):
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *a, **kw)
+    torch.optim.AdamW.step = record
+    try:
+        history = run(offline_model, fresh_prefix(offline_model, mlp=False), items, out, epochs=4, resume=True)
+    finally:
+        torch.optim.AdamW.step = step
+    assert history["resumed_at"] == 2 and len(history["val"]) == 4 and history["kept_epoch"] == 4
+    assert seen == pytest.approx([1e-3 * (1 - s / 12) for s in range(6, 12)])  # 4 epochs of 3 steps: steps 6..11
+    assert "extending the run from 2 to 4 epochs" in capsys.readouterr().out
+    assert not os.path.exists(state_path(out))
+
+
+def fake_pass(values):
+    """A held-out pass that returns the given figures epoch after epoch, and records the method's state."""
+    values, states = iter(values), []
+
+    def evaluate(model, method, *a, **kw):
+        states.append(trained_state(method))
+        return next(values)
+    return evaluate, states
+
+
+def test_keep_best_keeps_the_epoch_the_selection_rule_names(offline_model, items, tmp_path, monkeypatch):
+    """Two labels: the epoch with the highest steering margin, whatever the loss says; --keep last: the last."""
+    passes = [{"loss": 3.0, "steer_acc": 0.5, "steer_margin": 0.01}, {"loss": 2.0, "steer_acc": 0.6, "steer_margin": 0.02},
+              {"loss": 2.5, "steer_acc": 0.7, "steer_margin": 0.05}, {"loss": 1.9, "steer_acc": 0.6, "steer_margin": 0.03}]
+    for keep, epoch in (("best", 3), ("last", 4)):
+        fake, states = fake_pass(passes)
+        monkeypatch.setattr(trainer, "evaluate", fake)
         out = tmp_path / f"{keep}.safetensors"
-        history = run(offline_model, fresh_prefix(offline_model), items, out, keep=keep)
+        history = run(offline_model, fresh_prefix(offline_model), items, out, keep=keep, epochs=4)
         assert history["kept_epoch"] == epoch
+        assert history["selected_by"] == ("steer_margin" if keep == "best" else "last")
         prefix, meta = load_prefix(out)
-        assert meta["info"]["epoch"] == epoch and meta["info"]["val_loss"] == [3.0, 2.0, 2.5][epoch - 1]
-        assert torch.equal(prefix.table(), tables[epoch - 1])  # the table as it was after that epoch
-        assert not torch.equal(tables[1], tables[2])
+        info = meta["info"]
+        assert info["epoch"] == epoch and info["steer_margin"] == passes[epoch - 1]["steer_margin"]
+        assert info["val_loss"] == passes[epoch - 1]["loss"] and info["selected_by"] == history["selected_by"]
+        kept_state = states[epoch - 1]
+        with torch.no_grad():
+            table = torch.stack([mlp() for mlp in fresh_mlps(kept_state)])
+        assert torch.allclose(prefix.table().view_as(table), table, atol=1e-6)  # the prefix as it was after that epoch
+
+
+def fresh_mlps(state):
+    prefix = build("kv", GPT2Stub, LABELS, None, 4, True)
+    prefix.load_state_dict(state)
+    return prefix.mlp
+
+
+class GPT2Stub:  # what build() needs of a model to make an MLP prefix: its config and device
+    from minprefix.gpt2 import GPTConfig
+    config = GPTConfig(n_layer=8, n_head=4, n_embd=256)
+    device = torch.device("cpu")
+
+
+def test_keep_best_with_one_label_keeps_the_lowest_held_out_loss(offline_model, items, tmp_path, monkeypatch):
+    one = [(ids, start, 0) for ids, start, _ in items]
+    fake, _ = fake_pass([{"loss": 3.0}, {"loss": 2.0}, {"loss": 2.5}])
+    monkeypatch.setattr(trainer, "evaluate", fake)
+    torch.manual_seed(0)
+    prefix = build("kv", offline_model, ["task"], Tokenizer(), 4, True)
+    history = train(offline_model, prefix, one, one[:2], ["task"], tmp_path / "t.safetensors", epochs=3, lr=1e-3,
+                    keep="best")
+    assert history["kept_epoch"] == 2 and history["selected_by"] == "loss"
+
+
+def test_held_out_pass_scores_each_text_under_every_label(offline_model, items):
+    """The steering measure by hand: every text's per-token loss under each label's prefix, from the reference
+    loss; and the fast path's pass gives the same figures."""
+    from minprefix import fast
+    from minprefix.trainer import batch_loss, evaluate, token_nll
+    prefix = fresh_prefix(offline_model, mlp=False)
+    with torch.no_grad():
+        prefix.table_.add_(0.5 * torch.randn_like(prefix.table_))
+        wins, margins, total, count = 0, [], 0.0, 0
+        for ids, start, y in items:
+            (idx, targets, _), = batches([(ids, start, y)], 1)
+            n = int((targets != -100).sum())
+            losses = [batch_loss(offline_model, prefix, idx, targets, torch.tensor([k])).item() for k in range(2)]
+            total, count = total + losses[y] * n, count + n
+            wins += losses[y] < losses[1 - y]
+            margins.append(losses[1 - y] - losses[y])
+    for nll in (token_nll, fast.token_nll):
+        got = evaluate(offline_model, prefix, items, 4, "cpu", nll)
+        assert got["loss"] == pytest.approx(total / count, abs=1e-4)  # batch of 4 against 1: float rounding
+        assert got["steer_acc"] == wins / len(items)
+        assert got["steer_margin"] == pytest.approx(sum(margins) / len(margins), abs=1e-4)
 
 
 def test_learning_rate_decays_linearly_to_zero(offline_model, items, tmp_path, monkeypatch):
@@ -109,6 +213,9 @@ def test_learning_rate_decays_linearly_to_zero(offline_model, items, tmp_path, m
     run(offline_model, fresh_prefix(offline_model, mlp=False), items, tmp_path / "p.safetensors", lr=0.01)
     n = 3 * 3  # 3 epochs of 3 batches
     assert seen == pytest.approx([0.01 * (1 - s / n) for s in range(n)])
+    seen.clear()
+    run(offline_model, fresh_prefix(offline_model, mlp=False), items, tmp_path / "w.safetensors", lr=0.01, warmup=3)
+    assert seen == pytest.approx([0.01 * f for f in (1 / 3, 2 / 3, 1, 1, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6)])
 
 
 def test_conditional_loss_covers_only_the_text_and_its_end():
@@ -138,7 +245,7 @@ def test_fine_tuned_model_loads_in_minprefix_and_transformers(offline_model_dir,
     transformers = pytest.importorskip("transformers")
     model = GPT2.from_pretrained(offline_model_dir)
     folder = tmp_path / "ft"
-    history = train(model, None, items, items[:2], ["task"], str(folder), epochs=1, batch_size=3, lr=1e-4)
+    history = train(model, FineTune(model, 2), items, items[:2], LABELS, str(folder), epochs=1, batch_size=3, lr=1e-4)
     assert history["kept_epoch"] == 1
     base = GPT2.from_pretrained(offline_model_dir)
     assert not torch.equal(model.h[0].mlp.c_fc.weight, base.h[0].mlp.c_fc.weight)  # every weight trained

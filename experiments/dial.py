@@ -1,0 +1,160 @@
+"""The sentiment dial, measured: does `python train.py --prefix-len 10 --mlp` give prefixes whose mix turns the
+tone, on this project's data and on labelled text no one here wrote?
+
+For each data set (data/: the summer-school reviews; movie-snippets: 600 training and 100 held-out movie-review
+snippets built from the human ratings in ../shared/data/vader-snippets, rating >= 1.5 positive, <= -1.5 negative,
+8 to 40 words, built at run time and never committed) and each recipe (the default; --recipe reference, the brief's
+batch 2, lr 5e-5), it runs train.py with the README's main command, then eval.py: the held-out continuations and
+the alpha sweep (24 samples x 10 neutral prompts per alpha) with 95% intervals, the dial's slope and whether it
+is monotone. It writes runs/dial/results.json, runs/dial/dial.png and prints the table the README shows.
+
+  export MINPREFIX_MODEL=../shared/models/imdb-gpt2-19m TIKTOKEN_CACHE_DIR=../shared/tiktoken
+  python experiments/dial.py                   # resumes: finished runs and evaluations are skipped
+  python experiments/dial.py --data summer-school --methods kv-mlp lora --reference
+"""
+import argparse
+import json
+import os
+import random
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import eval as evaluate_script  # noqa: E402  (the scripts' own code, not copies of it)
+import train as train_script  # noqa: E402
+from minprefix.method import read_meta  # noqa: E402
+
+SNIPPETS = os.path.join(REPO, "..", "shared", "data", "vader-snippets", "movieReviewSnippets_GroundTruth.txt")
+MOVIE_PROMPTS = ["The film", "The movie", "The plot", "The acting", "The director", "The story", "The cast",
+                 "The ending", "The script", "The music"]
+METHODS = {"kv-mlp": ["--prefix-len", "10", "--mlp"], "kv": ["--prefix-len", "10"],
+           "embedding": ["--mode", "embedding", "--prefix-len", "10"], "lora": ["--mode", "lora"]}
+RECIPES = {"steer": [], "reference": ["--recipe", "reference"]}
+
+
+def build_snippets(folder, seed=0):
+    """-> (train.jsonl, test.jsonl, sweep prompts file), written to folder from the VADER movie snippets."""
+    paths = [os.path.join(folder, f) for f in ("train.jsonl", "test.jsonl", "sweep.txt")]
+    if all(os.path.exists(p) for p in paths):
+        return paths
+    os.makedirs(folder, exist_ok=True)
+    by_label = {"positive": [], "negative": []}
+    with open(SNIPPETS, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            _, rating, text = line.rstrip("\n").split("\t", 2)
+            text = " ".join(text.replace("''", '"').split())
+            if 8 <= len(text.split()) <= 40 and abs(float(rating)) >= 1.5:
+                by_label["positive" if float(rating) > 0 else "negative"].append(text)
+    rng = random.Random(seed)
+    splits = {"train": [], "test": []}
+    for label, texts in by_label.items():
+        rng.shuffle(texts)
+        splits["train"] += [{"text": t, "sentiment": label} for t in texts[:300]]
+        splits["test"] += [{"text": t, "sentiment": label} for t in texts[300:350]]
+    for (name, rows), path in zip(splits.items(), paths):
+        rng.shuffle(rows)
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    with open(paths[2], "w") as f:
+        f.write("\n".join(MOVIE_PROMPTS) + "\n")
+    return paths
+
+
+def finished(ckpt):
+    try:
+        info = read_meta(ckpt)["info"]
+    except (OSError, ValueError):
+        return False
+    return not info.get("interrupted") and info.get("epochs_done", 0) >= info.get("epochs", 1e9)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=os.path.join(REPO, "runs", "dial"), help="(default: runs/dial)")
+    p.add_argument("--data", nargs="+", default=["summer-school", "movie-snippets"], help="(default: both)")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="each with the default "
+                   "recipe (default: all)")
+    p.add_argument("--reference", nargs="*", default=["kv-mlp"], choices=list(METHODS), help="these also with "
+                   "--recipe reference (default: kv-mlp)")
+    p.add_argument("--sweep-samples", type=int, default=24, help="per neutral prompt and alpha (default: %(default)s)")
+    args = p.parse_args()
+    train_file, test_file, sweep_file = build_snippets(os.path.join(args.out, "movie-snippets-data"))
+    datasets = {"summer-school": ("data/train.jsonl", "data/test.jsonl", None),
+                "movie-snippets": (train_file, test_file, sweep_file)}
+    results = {}
+    for data in args.data:
+        train_data, test_data, sweep = datasets[data]
+        ckpts = []
+        for method, recipe in [(m, "steer") for m in args.methods] + [(m, "reference") for m in args.reference]:
+            name = f"{data}/{method}-{recipe}"
+            ckpt = os.path.join(args.out, data, f"{method}-{recipe}.safetensors")
+            if not finished(ckpt):
+                resume = ["--resume"] if os.path.exists(ckpt.removesuffix(".safetensors") + ".resume.pt") else []
+                print(f"== train {name}", flush=True)
+                code = train_script.main(["--data", train_data, "--val-data", test_data, *METHODS[method],
+                                          *RECIPES[recipe], "--out", ckpt, *resume])
+                if code:
+                    sys.exit(f"train.py stopped ({code}) on {name}: rerun to resume")
+            ckpts.append(ckpt)
+        folder = os.path.join(args.out, data, "eval")
+        if not os.path.exists(os.path.join(folder, "eval.json")) or \
+                json.load(open(os.path.join(folder, "eval.json")))["settings"]["prefixes"] != ckpts:
+            print(f"== eval {data}", flush=True)
+            evaluate_script.main(["--prefix", *ckpts, "--data", test_data, "--sweep-samples", str(args.sweep_samples),
+                                  "--out", folder, *(["--sweep-prompts", sweep] if sweep else [])])
+        results[data] = json.load(open(os.path.join(folder, "eval.json")))
+        for ckpt, row in zip(ckpts, results[data]["rows"][1:]):
+            info = read_meta(ckpt)["info"]
+            row.update(checkpoint=os.path.relpath(ckpt, REPO), kept_epoch=info["epoch"], epochs=info["epochs"],
+                       selected_by=info.get("selected_by"), val_loss=info.get("val_loss"),
+                       steer_margin=info.get("steer_margin"), steer_acc=info.get("steer_acc"), lr=info.get("lr"))
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    table = summary(results)
+    print(table)
+    plot(results, os.path.join(args.out, "dial.png"))
+    print(f"wrote {args.out}/results.json, dial.png")
+
+
+def summary(results):
+    lines = ["| data | checkpoint | kept epoch (selected by) | held-out loss | steering margin [acc.] | VADER gap | "
+             "alpha = 0 | 0.5 | 1 | dial slope [95% CI] | monotone | ends apart |", "|" + "---|" * 12]
+    for data, result in results.items():
+        for row in result["rows"][1:-1]:
+            ci = lambda a: f"{row['alpha_sweep'][a]:+.3f} [{row['alpha_sweep_ci'][a][0]:+.3f}, {row['alpha_sweep_ci'][a][1]:+.3f}]"
+            lo, hi = row["dial_slope_ci"]
+            lines.append(f"| {data} | {row['checkpoint']} (lr {row['lr']:g}) | {row['kept_epoch']} of {row['epochs']} "
+                         f"({row['selected_by']}) | {row['val_loss']:.4f} | {row['steer_margin']:+.4f} "
+                         f"[{row['steer_acc']:.0%}] | {row['vader_gap']:+.3f} | {ci('0.0')} | {ci('0.5')} | {ci('1.0')} "
+                         f"| {row['dial_slope']:+.3f} [{lo:+.3f}, {hi:+.3f}] | "
+                         f"{'yes' if row['dial_monotone'] else 'no'} | {'yes' if row['dial_ends_apart'] else 'no'} |")
+    return "\n".join(lines)
+
+
+def plot(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.2), squeeze=False)
+    for ax, (data, result) in zip(axes[0], results.items()):
+        for row in result["rows"][1:-1]:
+            alphas = sorted(float(a) for a in row["alpha_sweep"])
+            means = [row["alpha_sweep"][str(a)] for a in alphas]
+            err = [[m - row["alpha_sweep_ci"][str(a)][0] for m, a in zip(means, alphas)],
+                   [row["alpha_sweep_ci"][str(a)][1] - m for m, a in zip(means, alphas)]]
+            ax.errorbar(alphas, means, yerr=err, fmt="o-", capsize=3,
+                        label=f"{os.path.basename(row['checkpoint']).removesuffix('.safetensors')} (lr {row['lr']:g})")
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_title(data)
+        ax.set_xlabel("alpha (1 = positive, 0 = negative)")
+        ax.set_ylabel("mean VADER compound, 95% interval")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
