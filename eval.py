@@ -25,12 +25,11 @@ import time
 import torch
 from tqdm import tqdm
 
-from minprefix import GPT2, Tokenizer, fast
+from minprefix import Tokenizer, fast
 from minprefix.data import read_jsonl
 from minprefix.method import describe, latest, load, read_meta
 from minprefix.prefix import DEFAULT_CHECKPOINT
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 COLUMNS = [("BLEU", "bleu", "{:.2f}"), ("ROUGE-1", "rouge1", "{:.3f}"), ("ROUGE-2", "rouge2", "{:.3f}"),
            ("ROUGE-L", "rougeL", "{:.3f}"), ("sentiment acc. [95% CI]", "acc_intended", "pct"),
@@ -117,7 +116,8 @@ def parser():
     p.add_argument("--out", help="folder for the results (default: weights/eval; e2e: weights/eval-e2e)")
     p.add_argument("--model", help="where the base model is, if not where the checkpoints say; e2e without "
                    "--prefix: a model folder to evaluate as it is (fine-tuned, or a base model)")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="(default: %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=list(fast.DTYPES), help="the model's weights; int8: "
+                   "weight-only int8 with bfloat16 activations, for decoding on a CPU (default: %(default)s)")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available, else cpu)")
     p.add_argument("--reference", action="store_true", help="run the plain reference code only (minprefix/fast.py off)")
     return p
@@ -141,9 +141,7 @@ def load_all(p, args, paths):
     bases = {m["base_model"] for m in metas}
     if len(bases) > 1 and not args.model:
         p.error(f"the checkpoints are for different base models ({', '.join(sorted(bases))}): evaluate them apart")
-    model = GPT2.from_pretrained(args.model or metas[0]["base_model"], dtype=DTYPES[args.dtype], device=args.device)
-    if fast.enabled():
-        fast.accelerate(model)
+    model = fast.decoding_model(args.model or metas[0]["base_model"], args.dtype, args.device)
     return model, [load(path, model) for path in paths]
 
 
@@ -163,9 +161,7 @@ def e2e(p, args):
                     f"adapter trained on tables: python -m minprefix.peft import ... --conditional)")
         system = f"{describe(meta)} ({args.prefix[0]})"
     else:  # a model folder as it is: fine-tuned by train.py, or any model in the hub's layout
-        model = GPT2.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device)
-        if fast.enabled():
-            fast.accelerate(model)
+        model = fast.decoding_model(args.model, args.dtype, args.device)
         method = None
         config = json.loads(open(os.path.join(args.model, "config.json")).read()) if os.path.isdir(args.model) else {}
         tuned = config.get("minprefix", {})

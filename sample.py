@@ -20,7 +20,7 @@ import sys
 
 import torch
 
-from minprefix import GPT2, Tokenizer, fast
+from minprefix import Tokenizer, fast
 from minprefix.data import source_prompt
 from minprefix.e2e import DECODING
 from minprefix.beam import hypotheses
@@ -28,7 +28,6 @@ from minprefix.generate import pad_left, stream
 from minprefix.method import latest, load, read_meta
 from minprefix.prefix import DEFAULT_CHECKPOINT, label_weights
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SAMPLING = {"temperature": 0.8, "top_p": 0.9, "top_k": None, "seed": 0}  # defaults when sampling, not with beams
 
 
@@ -68,7 +67,8 @@ def parser():
                         "sample in all)")
     p.add_argument("--seed", type=int, help="(default: 0; not with --num-beams)")
     p.add_argument("--model", help="where the base model is, if not where the checkpoint says (a moved folder)")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="(default: %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=list(fast.DTYPES), help="the model's weights; int8: "
+                   "weight-only int8 with bfloat16 activations, for decoding on a CPU (default: %(default)s)")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available, else cpu)")
     p.add_argument("--reference", action="store_true", help="run the plain reference code only (minprefix/fast.py off)")
     return p
@@ -166,9 +166,7 @@ def main(argv=None):
     args.prefix = args.prefix or latest(DEFAULT_CHECKPOINT)
     meta = read_meta(args.prefix)
     conditional = bool(meta["info"].get("conditional"))
-    model = GPT2.from_pretrained(args.model or meta["base_model"], dtype=DTYPES[args.dtype], device=args.device)
-    if fast.enabled():
-        fast.accelerate(model)
+    model = fast.decoding_model(args.model or meta["base_model"], args.dtype, args.device)
     method, meta = load(args.prefix, model)  # now checked against the base model
     weights, recorded = tone(p, args, meta, method.mixes)
     prompts = read_prompts(args.prompts_file) if args.prompts_file else [(None, args.prompt)]
@@ -198,7 +196,9 @@ def main(argv=None):
             settings = dict(min_new_tokens=args.min_new_tokens if args.min_new_tokens is not None else
                             (DECODING["min_new_tokens"] if e2e else 0),
                             banned=DECODING["banned"] if e2e and not args.allow_newlines else ())
-            found = hypotheses(run, idx, args.num_beams, args.max_new_tokens, kv_cache=cache, real=real, **settings)
+            pieces = dict(steps=fast.StaticSteps, pairs=fast.best_pairs) if fast.enabled() else {}
+            found = hypotheses(run, idx, args.num_beams, args.max_new_tokens, kv_cache=cache, real=real, **settings,
+                               **pieces)
             for r, hyps in zip(batch, found):
                 for j, (_, new) in enumerate(hyps[:n]):
                     texts[r].append(tok.decode(new[:-1] if new[-1:] == [tok.eot] else new))

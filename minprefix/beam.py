@@ -43,10 +43,11 @@ def beam_search(model, idx, num_beams=5, max_new_tokens=100, min_new_tokens=0, b
 
 @torch.no_grad()
 def hypotheses(model, idx, num_beams=5, max_new_tokens=100, min_new_tokens=0, banned=(), kv_cache=None, real=None,
-               eot=EOT, length_penalty=1.0):
+               eot=EOT, length_penalty=1.0, steps=None, pairs=None):
     """Arguments as beam_search's -> per row, its num_beams finished hypotheses, best first: (score, new tokens
     with the closing eot where there is one). score: sum of log-probs / len(tokens)**length_penalty; these are HF's
-    sequences_scores with num_return_sequences=num_beams."""
+    sequences_scores with num_return_sequences=num_beams. steps and pairs: the two pieces below (CacheSteps,
+    best_pairs) unless minprefix/fast.py gives faster ones."""
     if num_beams < 1:
         raise ValueError(f"num_beams must be >= 1, got {num_beams}")
     B, T = idx.shape
@@ -55,13 +56,10 @@ def hypotheses(model, idx, num_beams=5, max_new_tokens=100, min_new_tokens=0, ba
     n = room(model, cache, idx, real, max_new_tokens)  # the context's end: the last token is never fed back
     if n == 0:
         return [[(0.0, [])] for _ in range(B)]
-    logits = model(idx, cache, real)[:, -1]  # the prompt at once; every row ends at T-1: (B, V)
-    V = logits.size(-1)
-    beams = torch.arange(B, device=idx.device).repeat_interleave(N)  # (B*N,): row b's beams are b*N .. b*N+N-1
-    cache = cache.select(beams)  # B*N rows
-    logp = logits.float().log_softmax(-1)[beams]  # (B*N, V)
-    ban = torch.zeros(V, dtype=torch.bool, device=idx.device)
-    ban[[t for t in banned if t != eot]] = True
+    steps = (steps or CacheSteps)(model, cache, B * N, n)
+    pairs = pairs or best_pairs
+    logits = steps.start(idx, real, torch.arange(B, device=idx.device).repeat_interleave(N))  # (B*N, V): step 1
+    never = [t for t in banned if t != eot]
 
     tokens = torch.zeros(B, N, 0, dtype=torch.long, device=idx.device)  # the live beams' new tokens (B, N, step)
     scores = torch.full((B, N), DEAD, device=idx.device)  # their sums of log-probs (B, N)
@@ -69,12 +67,8 @@ def hypotheses(model, idx, num_beams=5, max_new_tokens=100, min_new_tokens=0, ba
     finished = [[] for _ in range(B)]  # per row, best first: at most N (score, tokens) that ended
     done = [False] * B
     for step in range(n):  # step 2
-        logp[:, ban] = float("-inf")
-        if eot is not None and step < min_new_tokens:
-            logp[:, eot] = float("-inf")
-        total = (logp.view(B, N, V) + scores[:, :, None]).view(B, N * V)  # every (beam, token) pair of a row
-        top, pick = total.topk(2 * N)  # (B, 2N), best first
-        beam, token = pick // V, pick % V  # (B, 2N) each
+        ban = never + ([eot] if eot is not None and step < min_new_tokens else [])
+        top, beam, token = pairs(logits, scores, ban, 2 * N)  # (B, 2N) each, best first
         last = step == n - 1
         ends = (token == eot) if eot is not None else torch.zeros_like(token, dtype=torch.bool)
         ends |= last  # at max_new_tokens every candidate ends
@@ -97,6 +91,36 @@ def hypotheses(model, idx, num_beams=5, max_new_tokens=100, min_new_tokens=0, ba
                 done[b] = True
         if all(done):
             break
-        cache = cache.select((beam + N * torch.arange(B, device=idx.device)[:, None]).view(-1))  # follow the beams
-        logp = model(token.view(B * N, 1), cache)[:, -1].float().log_softmax(-1)  # (B*N, V)
+        rows = (beam + N * torch.arange(B, device=idx.device)[:, None]).view(-1)  # the surviving beams' rows
+        logits = steps.next(token.view(B * N, 1), rows)  # (B*N, V)
     return finished  # step 6 is beam_search's
+
+
+def best_pairs(logits, scores, ban, k):
+    """logits (B*N, V) of every live beam, scores (B, N) their running sums of log-probs, ban: tokens set to -inf
+    (not renormalised) -> the k best (beam, token) pairs of each row: (score + log-prob (B, k), beam (B, k),
+    token (B, k)), best first."""
+    B, N = scores.shape
+    logp = logits.float().log_softmax(-1)
+    logp[:, ban] = float("-inf")
+    V = logp.size(-1)
+    total = (logp.view(B, N, V) + scores[:, :, None]).view(B, N * V)  # every (beam, token) pair of a row
+    top, pick = total.topk(k)
+    return top, pick // V, pick % V
+
+
+class CacheSteps:
+    """The model through the KVCache: the prompt once, its cache copied to every beam; then one token per beam,
+    the cache's rows following the surviving beams."""
+
+    def __init__(self, model, cache, rows, n):
+        self.model, self.cache = model, cache
+
+    def start(self, idx, real, beams):  # prompt (B, T) -> the next token's logits, one row per beam (B*N, V)
+        logits = self.model(idx, self.cache, real)[:, -1]  # every row ends at T-1: (B, V)
+        self.cache = self.cache.select(beams)
+        return logits[beams]
+
+    def next(self, tokens, rows):  # the beams' new tokens (B*N, 1), after reordering to rows -> logits (B*N, V)
+        self.cache = self.cache.select(rows)
+        return self.model(tokens, self.cache)[:, -1]

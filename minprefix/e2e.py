@@ -13,6 +13,7 @@ import time
 import torch
 from tqdm import tqdm
 
+from minprefix import fast
 from minprefix.beam import beam_search
 from minprefix.data import read_data, source_prompt, tables
 from minprefix.e2e_metrics import e2e_scores
@@ -45,7 +46,8 @@ def decode_tables(model, tok, table_list, method=None, batch_size=10, progress=T
         rows = order[start:start + batch_size]
         idx, real = pad_left([prompts[i] for i in rows], device=model.device)
         run, cache = (model, None) if method is None else method.apply(model, torch.ones(len(rows), 1, device=model.device))
-        for i, new in zip(rows, beam_search(run, idx, kv_cache=cache, real=real, **decoding)):
+        search = fast.beam_search if fast.enabled() else beam_search
+        for i, new in zip(rows, search(run, idx, kv_cache=cache, real=real, **decoding)):
             outputs[i] = tok.decode(new).strip()
     return outputs
 

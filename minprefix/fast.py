@@ -3,7 +3,7 @@ what it gains and where (bench/bench_vs_peft.py: medians of 3 rounds on a 2-core
 and is held to the reference by tests/test_fast.py.
 
   piece                 replaces                                    gain measured
-  SplitKLinear and      nn.Linear while decoding on a CPU, and      sampling at batch 1: 20.4 -> 32.8 tok/s;
+  DecodeLinear and      nn.Linear while decoding on a CPU, and      sampling at batch 1: 20.4 -> 32.8 tok/s;
   accelerate()          the weights' (out, in) storage              batch 8: 78.7 -> 104.1 (with stream below)
   stream / generate     generate.stream: the prompt's logits at     (in the row above)
                         its last position only; on a GPU each
@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minprefix.generate import beam_settings, check_sampling, collect, decode, room
-from minprefix.gpt2 import KVCache
+from minprefix.gpt2 import CausalSelfAttention, KVCache
 from minprefix.tokenizer import EOT
 
 
@@ -33,39 +33,151 @@ def enabled():
     return os.environ.get("MINPREFIX_REFERENCE", "0").strip().lower() in ("", "0", "false", "no")
 
 
-# ---- the weights: SplitKLinear and their storage (replace gpt2.py's nn.Linear) ----
+# ---- the weights: DecodeLinear and their storage (replace gpt2.py's nn.Linear) ----
 
-class SplitKLinear(nn.Linear):
-    """nn.Linear whose weight (out, in) is stored as (in, out), as GPT-2's Conv1D checkpoints store it.
+class DecodeLinear(nn.Linear):
+    """nn.Linear as a CPU decodes fastest; with gradients wanted (or off a CPU) it is nn.Linear. Two ways, by rows:
 
-    Decoding multiplies a few rows by each weight, so reading the weight is all the work, and MKL's
-    matrix-vector product reads it with one core (and reads a (V, C) lm_head at a third of the speed of a
-    (C, V) one). Cutting the inner dimension into one slice per core lets bmm read with all of them. Same
-    products, summed in another order: equal to nn.Linear to float rounding (tests/test_fast.py)."""
+    one row, float32   the weight (out, in) stored as (in, out), as GPT-2's Conv1D checkpoints store it, and the
+                       inner dimension cut into two slices per core for bmm. A step multiplies one row by each
+                       weight, so reading the weight is all the work; MKL's matrix-vector product reads with one
+                       core (and a (V, C) lm_head at a third of a (C, V) one's speed). GPT-2 small's lm_head:
+                       4.4 ms (35 GB/s) against 12.7 for F.linear, 2 threads.
+    more rows, or      oneDNN's inner product on the weight packed once, on first use, into its blocked layout
+    half precision     (kept beside the weight: a second copy). Batched sampling and beams multiply a few rows by
+                       each weight, where MKL's small-M products fall to a quarter of the CPU's speed: GPT-2
+                       small's lm_head for 8 rows, 7.0 ms against 15-24; bfloat16 one row 3.0 ms, 8 rows 3.4
+                       (F.linear: 4.7 and 5.9).
+    Same products, summed in another order: equal to nn.Linear to float rounding (tests/test_fast.py)."""
 
     def forward(self, x):  # x (..., in) -> (..., out)
-        w, k = self.weight, torch.get_num_threads()
-        rows = x.numel() // x.size(-1)
-        if x.device.type != "cpu" or rows > 16 or k < 2 or not w.t().is_contiguous() or w.size(1) % k:
+        w = self.weight
+        if x.device.type != "cpu" or torch.is_grad_enabled():
             return F.linear(x, w, self.bias)
-        xs = x.reshape(rows, k, -1).transpose(0, 1)  # (k, rows, in/k)
-        y = torch.bmm(xs, w.t().view(k, -1, w.size(0))).sum(0)  # (rows, out)
-        y = y if self.bias is None else y + self.bias
+        rows, k = x.numel() // x.size(-1), 2 * torch.get_num_threads()
+        if rows == 1 and w.dtype == torch.float32 and k >= 4 and w.t().is_contiguous() and w.size(1) % k == 0:
+            xs = x.reshape(1, k, -1).transpose(0, 1)  # (k, 1, in/k)
+            y = torch.bmm(xs, w.t().view(k, -1, w.size(0))).sum(0)  # (1, out)
+            y = y if self.bias is None else y + self.bias
+            return y.view(*x.shape[:-1], -1)
+        if not torch.backends.mkldnn.is_available():
+            return F.linear(x, w, self.bias)
+        key = (w.data_ptr(), w._version, w.dtype)  # a new or changed weight (a LoRA merged into a copy) repacks
+        if self.__dict__.get("packed_for") != key:
+            self.__dict__["packed"] = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), None)
+            self.__dict__["packed_for"] = key
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, -1), self.__dict__["packed"], self.bias, "none", [], "")
         return y.view(*x.shape[:-1], -1)
 
 
 def accelerate(model):
-    """Swap the fast pieces into a frozen model, in place (the parameters stay the same objects). CPU only: on a
-    GPU cuBLAS reads every layout at full speed and the gain is the CUDA graph in stream()."""
+    """Swap the fast pieces into a frozen model for decoding, in place (the parameters stay the same objects).
+    CPU only: on a GPU cuBLAS reads every layout at full speed and the gain is the CUDA graph in stream()."""
     if model.device.type != "cpu":
         return model
     keep_freed_memory()
+    for_training(model)
     for parent in list(model.modules()):
         for name, child in parent.named_children():
             if type(child) is nn.Linear:
-                child.__class__ = SplitKLinear  # same parameters, another forward
-    for p in {id(m.weight): m.weight for m in model.modules() if isinstance(m, SplitKLinear)}.values():
+                child.__class__ = DecodeLinear  # same parameters, another forward
+    for p in {id(m.weight): m.weight for m in model.modules() if isinstance(m, DecodeLinear)}.values():
         p.data = p.data.t().contiguous().t()  # (out, in) as a view of (in, out) storage; wte, tied, included
+    return model
+
+
+class Int8Linear(nn.Module):
+    """Replaces nn.Linear for decoding in int8 (sample.py / eval.py --dtype int8): the weight rounded to int8 per
+    output row, w ~ q * scale with |q| <= 127, and the products in PyTorch's int8 weight-only kernel against
+    bfloat16 activations. A batch-1 step reads a quarter of float32's bytes: GPT-2 small's linear layers 9.6 ms
+    a step against 21 in float32 (2 threads). No gradients: decoding only."""
+
+    def __init__(self, linear):
+        super().__init__()
+        w = linear.weight.detach().float()
+        scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).to(torch.bfloat16)  # the scale the kernel will use
+        q = (w / scale.float()[:, None]).round().clamp(-127, 127).to(torch.int8)
+        self.register_buffer("weight_int8", q.contiguous())  # (out, in), as the kernel reads it
+        self.register_buffer("scale", scale)
+        self.bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x):  # x (..., in) -> (..., out), in x's dtype
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features).to(torch.bfloat16),
+                                                self.weight_int8, self.scale)
+        y = y if self.bias is None else y + self.bias
+        return y.view(*x.shape[:-1], -1).to(x.dtype)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.bfloat16}
+
+
+def decoding_model(name_or_path, dtype="float32", device="auto"):
+    """GPT2.from_pretrained for sampling and evaluation (sample.py, eval.py): the fast pieces swapped in unless
+    MINPREFIX_REFERENCE=1. dtype: float32, bfloat16, float16, or int8 (a bfloat16 model whose linear layers are
+    Int8Linear: the fast path only)."""
+    from minprefix.gpt2 import GPT2
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype == "int8" and not enabled():
+        raise ValueError("--dtype int8 is a piece of the fast path (minprefix/fast.py): drop --reference, or unset "
+                         "MINPREFIX_REFERENCE")
+    model = GPT2.from_pretrained(name_or_path, dtype=DTYPES[dtype], device=device)
+    if enabled():
+        accelerate(model)
+    return quantize_int8(model) if dtype == "int8" else model
+
+
+def quantize_int8(model):
+    """Every linear layer of a bfloat16 model (the lm_head too; wte stays bfloat16 for the embedding lookups) ->
+    Int8Linear, in place. CPU only."""
+    if model.device.type != "cpu" or model.dtype != torch.bfloat16:
+        raise ValueError(f"int8 decoding runs a bfloat16 model on a CPU, not a {model.dtype} one on {model.device}")
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, Int8Linear(child))
+    return model
+
+
+# ---- attention in half precision (replaces gpt2.CausalSelfAttention's) ----
+
+class FloatAttention(CausalSelfAttention):
+    """CausalSelfAttention whose softmax(q k^T / sqrt(D) + mask) v runs as attend() runs it when the model is in
+    bfloat16 or float16 on a CPU: PyTorch's CPU attention is 3x slower, forward and backward, in bfloat16 than in
+    float32 at GPT-2's sizes, and q, k, v are small next to the weights, so converting them costs less than it
+    saves. Same inputs and outputs."""
+
+    def forward(self, x, mask, kv_cache, layer):  # as CausalSelfAttention.forward
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        k, v = kv_cache.update(layer, k, v)
+        y = attend(q, k, v, mask)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+def attend(q, k, v, mask):
+    """softmax(q k^T / sqrt(D) + mask) v, as a CPU runs it fastest in half precision (one thread, 50 rows x 4
+    heads against 60 keys, a beam search step: 0.93 ms in bfloat16's SDPA, 0.29 as the plain products below;
+    training's 25 queries, forward and backward: 0.82 ms, 0.33 in float32). q (B, H, T, D); mask True: attend."""
+    if q.device.type != "cpu" or q.dtype == torch.float32:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if q.size(2) == 1:  # decoding: the plain products, in the model's dtype (softmax sums in float32 inside)
+        scores = (q @ k.transpose(-1, -2)) * q.size(-1) ** -0.5  # (B, H, 1, S)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return scores.softmax(-1) @ v
+    return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask).to(q.dtype)
+
+
+def for_training(model):
+    """Swap the pieces that pay while training (and decoding) into a model, in place: FloatAttention where the
+    model is in half precision on a CPU. The parameters stay the same objects."""
+    if model.device.type == "cpu" and model.dtype in (torch.bfloat16, torch.float16):
+        for block in model.h:
+            if type(block.attn) is CausalSelfAttention:
+                block.attn.__class__ = FloatAttention
     return model
 
 
@@ -113,19 +225,21 @@ class LMHeadLoss(torch.autograd.Function):
 
 
 def _online_softmax(h, wte, with_softmax_wte):
-    """h (n, C) -> (log sum_v exp(h . wte_v) (n, 1), softmax @ wte (n, C) or None), in one pass over wte's chunks."""
+    """h (n, C) float32 -> (log sum_v exp(h . wte_v) (n, 1), softmax @ wte (n, C) or None), in one pass over wte's
+    chunks. The products run in wte's dtype (in bfloat16 3.5x float32's speed on a CPU with bfloat16 units; their
+    sums are float32 inside), the softmax in float32."""
     m = torch.full((h.size(0), 1), float("-inf"), device=h.device)
     s = torch.zeros(h.size(0), 1, device=h.device)
     acc = torch.zeros_like(h) if with_softmax_wte else None
+    h_w = h.to(wte.dtype)
     for w in wte.chunk(_chunks(h)):  # (V/chunks, C)
-        w = w.float()
-        logits = h @ w.t()  # (n, V/chunks)
+        logits = (h_w @ w.t()).float()  # (n, V/chunks)
         m_new = torch.maximum(m, logits.max(dim=-1, keepdim=True).values)
         scale = (m - m_new).exp()
         p = (logits - m_new).exp_()
         s = s * scale + p.sum(dim=-1, keepdim=True)
         if acc is not None:
-            acc = acc * scale + p @ w
+            acc = acc * scale + (p.to(w.dtype) @ w).float()
         m = m_new
     return m + s.log(), None if acc is None else acc / s
 
@@ -180,11 +294,58 @@ def stream(model, idx, max_new_tokens=50, kv_cache=None, real=None, temperature=
 
 
 def generate(model, idx, max_new_tokens=50, num_beams=1, **kw):
-    """generate.generate through the fast stream(); num_beams > 1: beam search, as generate.generate."""
+    """generate.generate through the fast stream(); num_beams > 1: the fast beam_search."""
     if num_beams > 1:
-        from minprefix.beam import beam_search
         return beam_search(model, idx, num_beams, max_new_tokens, **beam_settings(num_beams, kw))
     return collect(stream(model, idx, max_new_tokens, **kw), idx.size(0), kw.get("eot", EOT))
+
+
+def beam_search(model, idx, num_beams=5, max_new_tokens=100, **kw):
+    """beam.beam_search with its two pieces replaced (StaticSteps, best_pairs). Same hypotheses."""
+    from minprefix.beam import hypotheses
+    eot = kw.get("eot", EOT)
+    found = hypotheses(model, idx, num_beams, max_new_tokens, steps=StaticSteps, pairs=best_pairs, **kw)
+    return [row[:-1] if row[-1:] == [eot] else row for row in (hyps[0][1] for hyps in found)]
+
+
+def best_pairs(logits, scores, ban, k):
+    """Replaces beam.best_pairs: the k best (beam, token) pairs of each row from each beam's k best tokens, and
+    log-probs as logit - logsumexp only for those. The reference writes log_softmax over the whole vocabulary,
+    adds every beam's score to it and sorts N*V pairs: three passes over (B*N, V) floats where this takes two
+    reads (a step of 5 beams x 10 E2E tables: 2.5M floats each). A row's k best pairs are among its beams' k best
+    tokens, so the pairs are the same (up to the order of exact ties, and float rounding in the last bit)."""
+    B, N = scores.shape
+    logits = logits.float()
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (B*N, 1), before the ban: banned tokens are not renormalised
+    if ban:
+        logits[:, ban] = float("-inf")
+    value, token = logits.topk(k)  # each beam's k likeliest: (B*N, k)
+    total = ((value - lse).view(B, N, k) + scores[:, :, None]).view(B, N * k)
+    top, pick = total.topk(k)
+    return top, pick // k, token.view(B, N * k).gather(1, pick)
+
+
+class StaticSteps:
+    """Replaces beam.CacheSteps: the beams' keys and values in a StaticKVCache, reordered in place where the
+    reference selects every layer's cache into new tensors and then concatenates each step's to them (two copies
+    of the whole cache per step), and the prompt's logits at its last position only."""
+
+    def __init__(self, model, cache, rows, n):
+        self.model, self.cache, self.n = model, cache, n
+
+    def start(self, idx, real, beams):
+        model = self.model
+        logits = model.lm_head(model.hidden(model.wte(idx), self.cache, real)[:, -1])  # (B, V)
+        self.static = StaticKVCache(self.cache.select(beams), capacity=self.cache.length + self.n)
+        return logits[beams]
+
+    def next(self, tokens, rows):
+        self.static.reorder(rows)
+        if not tokens.is_cuda:
+            return self.static.cpu_step(self.model, tokens)
+        logits = self.static.step(self.model, tokens)
+        self.static.n += 1  # step() moves the slot on the device; reorder() reads it on the host
+        return logits
 
 
 class StaticKVCache:
@@ -228,6 +389,16 @@ class StaticKVCache:
         self.position += 1
         return model.lm_head(model.ln_f(h))[:, -1]
 
+    def reorder(self, rows):
+        """Rows (B,) -> row i takes row rows[i]'s keys, values and positions (beam search's survivors)."""
+        n = self.n
+        for buffers in (self.k, self.v):
+            for t in buffers:
+                t[:, :, :n] = t[rows, :, :n]
+        self.real.copy_(self.real[rows])
+        self.position.copy_(self.position[rows])
+        self.padded = self.padded or not bool(self.real[:, :n].all())
+
     @torch.no_grad()
     def cpu_step(self, model, x):
         """step() as a CPU runs it best: the slot a Python int, attention over the slots written so far only, and
@@ -242,7 +413,7 @@ class StaticKVCache:
             q, k, v = block.attn.c_attn(block.ln_1(h)).view(B, 3, nh, 1, C // nh).unbind(1)  # (B, H, 1, D) each
             ks[:, :, n:n + 1] = k
             vs[:, :, n:n + 1] = v
-            y = F.scaled_dot_product_attention(q, ks[:, :, :n + 1], vs[:, :, :n + 1], attn_mask=mask)
+            y = attend(q, ks[:, :, :n + 1], vs[:, :, :n + 1], mask)
             h = h + block.attn.c_proj(y.view(B, 1, C))  # (B, H, 1, D) is (B, 1, C) heads side by side
             h = h + block.mlp(block.ln_2(h))
         self.n += 1

@@ -113,9 +113,11 @@ class LoRA(nn.Module):
 
     def apply(self, model, weights):
         """weights (B, n_labels) -> (model with its adapted layers replaced, no cache: LoRA changes the weights, not
-        what comes before the text). One mix for every row and no gradient wanted: merged; else unmerged."""
+        what comes before the text). One mix for every row and no gradient wanted: merged; else unmerged (and always
+        on a model whose weights are not floating-point tensors to add to: fast.Int8Linear's)."""
         same = bool((weights == weights[:1]).all())
-        if same and not torch.is_grad_enabled():
+        floats = isinstance(getattr(model.h[0].attn.c_attn, "weight", None), torch.Tensor)
+        if same and floats and not torch.is_grad_enabled():
             return self.merged(model, weights[0]), None
         return self.unmerged(model, weights[:1] if same else weights), None
 
