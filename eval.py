@@ -214,7 +214,9 @@ def sentiment(p, args):
                     max_new_tokens=args.max_new_tokens, seed=args.seed, alphas=alphas, sweep_prompts=sweep_prompts,
                     temperature=args.temperature, top_p=args.top_p)
     torch.manual_seed(args.seed)
-    systems = ([(row_name(None), None)] if args.base else []) + [(row_name(m), method) for method, m in methods]
+    names = [row_name(m) for _, m in methods]
+    names = [f"{n} ({os.path.basename(str(path))})" if names.count(n) > 1 else n for n, path in zip(names, args.prefix)]
+    systems = ([(row_name(None), None)] if args.base else []) + [(n, method) for n, (method, _) in zip(names, methods)]
     total = sum(n_continuations(method, len(examples), args.n_samples, args.sweep_samples, len(alphas),
                                 len(sweep_prompts)) for _, method in systems)
     rows = []

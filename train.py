@@ -76,6 +76,10 @@ def parser():
     p.add_argument("--batch-size", type=int, help="(default: 2; E2E 10, E2E LoRA 8)")
     p.add_argument("--lr", type=float, help="peak learning rate, decayed linearly to 0 (default: by method, above)")
     p.add_argument("--warmup", type=int, help="linear warm-up steps (default: 0; E2E LoRA 500)")
+    p.add_argument("--max-steps", type=int, help="stop after this many steps, the schedule decaying to 0 there "
+                   "(default: --epochs decide)")
+    p.add_argument("--eval-every", type=int, help="the held-out pass every N steps instead of after each epoch, "
+                   "--keep best choosing among them (the paper's low-data early stopping: 50)")
     p.add_argument("--weight-decay", type=float, help="AdamW's (default: 0; E2E LoRA 0.01)")
     p.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=True,
                    help="batch texts of similar length together, as HF Trainer's group_by_length: less padding, "
@@ -137,7 +141,8 @@ def main(argv=None):
     if args.out is None:
         args.out = os.path.join("weights", ("e2e-" if conditional else "") + OUT[args.mode])
     for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size), ("--limit", args.limit),
-                        ("--val-limit", args.val_limit), ("--lora-rank", args.lora_rank)):
+                        ("--val-limit", args.val_limit), ("--lora-rank", args.lora_rank),
+                        ("--max-steps", args.max_steps), ("--eval-every", args.eval_every)):
         if value is not None and value < 1:
             p.error(f"{flag} must be at least 1, got {value}")
     if args.lr <= 0:
@@ -187,14 +192,16 @@ def main(argv=None):
            "base_model": model.name_or_path, "base_config": vars(model.config), "mode": args.mode,
            "prefix_len": P or None, "mlp": args.mlp, "init": args.init, "dtype": args.dtype, "keep": args.keep,
            "lora": [args.lora_rank, args.lora_alpha, list(targets)] if targets else None}
-    info = {"data": args.data, "epochs": args.epochs, "trainable_params": trainable, "task": task,
+    info = {"data": args.data, "epochs": args.epochs, "max_steps": args.max_steps, "trainable_params": trainable,
+            "task": task,
             "conditional": conditional, "dtype": args.dtype, "init": args.init, "recipe": recipe}
     t0 = time.time()
     try:
         history = train(model, method, train_items, val_items, labels, args.out, epochs=args.epochs,
                         batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=device, info=info,
                         keep=args.keep, resume=args.resume, group_by_length=args.group_by_length, run=run,
-                        weight_decay=args.weight_decay, warmup=args.warmup, keep_state=args.keep_resume_state)
+                        weight_decay=args.weight_decay, warmup=args.warmup, keep_state=args.keep_resume_state,
+                        max_steps=args.max_steps, eval_every=args.eval_every)
     except NothingToResume as e:
         print(str(e).removeprefix("--resume: "))
         return 0
@@ -206,9 +213,10 @@ def main(argv=None):
     kept = history["kept_epoch"]
     if kept or history["interrupted"]:  # a checkpoint was written: sample.py and eval.py default to it
         remember(args.out)
-    val = history["val"][kept - 1] if kept else {}
+    val = next(v for v in history["val"] if v["step"] == history["kept_step"]) if kept else {}
     print(f"{'interrupted after' if history['interrupted'] else 'trained in'} {minutes:.1f} min on {device}; "
-          + (f"kept epoch {kept} (held-out loss {val['loss']:.4f}"
+          + (f"kept epoch {kept}" + (f", step {val['step']}" if args.eval_every else "")
+             + f" (held-out loss {val['loss']:.4f}"
              + (f", steering margin {val['steer_margin']:+.4f}" if "steer_margin" in val else "")
              + f"; --keep {args.keep}: {history['selected_by']})" if kept else "no epoch finished"))
     saved = base if args.mode == "finetune" else method.table().numel() if args.mode == "kv" else \

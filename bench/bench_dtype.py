@@ -1,4 +1,4 @@
-"""How often half precision picks the token float32 picks, on real text.
+"""How often half precision (and int8 decoding) picks the token float32 picks, on real text.
 
 Teacher-forced: every position of every held-out text (data/test.jsonl, each after <|endoftext|>), the model in
 float32 and in bfloat16 / float16 reading the same tokens: the share of positions whose argmax agrees, and the
@@ -17,9 +17,8 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from minprefix import GPT2, Tokenizer  # noqa: E402
+from minprefix import Tokenizer, fast  # noqa: E402
 from minprefix.data import read_jsonl  # noqa: E402
-from minprefix.generate import generate  # noqa: E402
 
 
 def main():
@@ -29,13 +28,14 @@ def main():
     args = p.parse_args()
     tok = Tokenizer()
     texts = [e.text for e in read_jsonl(args.data)]
-    reference = GPT2.from_pretrained(args.model)
+    reference = fast.decoding_model(args.model, "float32")
+    generate = fast.generate
     print(f"{args.model}: {len(texts)} texts of {args.data}")
     print("| dtype | teacher-forced positions | argmax = float32's | max abs dlogit | greedy, 48 tokens: "
           "tokens equal before the first difference (median [min-max]) | all 48 equal |")
     print("|---|---|---|---|---|---|")
-    for name in ("bfloat16", "float16"):
-        half = GPT2.from_pretrained(args.model, dtype=getattr(torch, name))
+    for name in ("bfloat16", "float16", "int8"):
+        half = fast.decoding_model(args.model, name)
         agree = total = 0
         worst = 0.0
         runs = []

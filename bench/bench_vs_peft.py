@@ -1,29 +1,41 @@
-"""minprefix against HF transformers + PEFT prefix-tuning, on one machine, in alternating rounds.
+"""minprefix against HF transformers + PEFT and CTranslate2, on one machine, in alternating rounds.
 
 Sides (each workload of each side in its own child process, so that its memory is its own):
-  minprefix            the default path (minprefix/fast.py on)
-  minprefix-reference  MINPREFIX_REFERENCE=1: the plain reference code
+  minprefix            the default path (minprefix/fast.py on), float32; -bf16 / -int8: --dtype bfloat16 / int8
+  minprefix-reference  MINPREFIX_REFERENCE=1: the plain reference code, float32
   hf                   HF GPT2LMHeadModel, the prefix handed over as its cache (a DynamicCache of the same keys
                        and values): the correct HF baseline for decoding, checked to pick our greedy tokens;
-                       for training, HF + PEFT's standard loop (its forward applies the prefix)
+                       for training, HF + PEFT's standard loop (its forward applies the prefix, or its LoRA)
   peft-generate        PeftModel.generate as shipped, which with transformers 5.24 / peft 0.21.2 drops the
                        prefix: timed, and checked (printed) for whether the prefix changed its tokens
+  ct2-float32, -int8   CTranslate2 (pip install ctranslate2), the engine a user picks for fast CPU decoding, on the
+                       same weights converted with its converter; it cannot take a prefix as keys and values, so
+                       its prompt is 10 real tokens longer (as many positions as the prefix)
 
 Workloads:
   train-synthetic   GPT-2-small-shaped random weights, batch 2 x 64 tokens, prefix 10, MLP, AdamW: tokens/s
-  train-real        data/train.jsonl, batch 2, one epoch on the offline model (imdb-gpt2-19m, NOT GPT-2): tokens
-                    of text per second (padding not counted) and the held-out loss on data/test.jsonl after it;
-                    minprefix trains both labels' prefixes side by side in shuffled batches, or grouped by length
-                    (--group-by-length); PEFT trains one adapter per label, each on its label's texts, shuffled
+  train-real        data/train.jsonl, batch 2, one epoch on the offline model (imdb-gpt2-19m, NOT GPT-2), prefix 10
+                    with its MLP: tokens of text per second (padding not counted) and the held-out loss after it;
+                    minprefix trains both labels side by side in the same shuffled batches; PEFT one adapter per
+                    label, each on its label's texts
+  train-lora        the same with LoRA r=4, alpha 32: minprefix on the query and value parts of c_attn; PEFT on
+                    c_attn (it addresses GPT-2's fused layer as one: queries, keys and values, 1.5x the parameters)
   sample-b1, -b8    GPT-2-small-shaped random weights, prompt 8 tokens, prefix 10, 128 new tokens, greedy
+  beam-e2e          the offline model, 10 E2E test tables x 5 beams, 40 new tokens each (<|endoftext|> off, so
+                    every side does the same work), as eval.py --task e2e decodes: tables per minute
 
-Every figure is the median over --rounds rounds with its min-max; the machine's memory bandwidth (the fastest of
-a few large reads, same threads) gives the batch-1 limit: a decoding step reads every weight once.
+Every figure is the median over --rounds rounds with its min-max. Two limits beside them: the machine's memory
+bandwidth (the fastest of a few 1 GiB reads, same threads), which bounds batch-1 decoding (a step reads every
+weight once), and its peak arithmetic (the fastest of a few large matrix products, float32 and bfloat16), which
+bounds training (4 multiply-adds per weight and position: the forward and the gradient of the input; a frozen
+model computes no weight gradients).
 
-  python bench/bench_vs_peft.py              # CPU, 3 rounds
+  python bench/bench_vs_peft.py              # CPU, 3 rounds (about 40 min on 2 cores)
+  python bench/bench_vs_peft.py --only sample-b1 sample-b8 --rounds 5
   python bench/bench_vs_peft.py --device cuda
 """
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -39,12 +51,26 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 P, TRAIN_B, TRAIN_T, NEW_TOKENS, PROMPT = 10, 2, 64, 128, 8
 OFFLINE = os.environ.get("MINPREFIX_TEST_MODEL", os.path.join(REPO, "..", "shared", "models", "imdb-gpt2-19m"))
-WORKLOADS = ("train-synthetic", "train-real", "train-real-grouped", "sample-b1", "sample-b8")
+PLAN = {
+    "train-synthetic": ["minprefix", "minprefix-bf16", "minprefix-reference", "hf"],
+    "train-real": ["minprefix", "minprefix-bf16", "minprefix-reference", "hf"],
+    "train-lora": ["minprefix", "minprefix-bf16", "hf"],
+    "sample-b1": ["minprefix", "minprefix-bf16", "minprefix-int8", "minprefix-reference", "hf", "peft-generate",
+                  "ct2-float32", "ct2-int8"],
+    "sample-b8": ["minprefix", "minprefix-bf16", "minprefix-int8", "minprefix-reference", "hf", "peft-generate",
+                  "ct2-float32", "ct2-int8"],
+    "beam-e2e": ["minprefix", "minprefix-bf16", "minprefix-int8", "minprefix-reference"],
+}
+DTYPE = {"bf16": "bfloat16", "int8": "int8"}
 
 
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def side_dtype(side):  # "minprefix-bf16" -> "bfloat16"
+    return DTYPE.get(side.rsplit("-", 1)[-1], "float32")
 
 
 class Peak:
@@ -82,7 +108,7 @@ def timed(fn, device, repeats, warm_up=None):
     return statistics.median(times)
 
 
-# ---- the sides ----
+# ---- decoding ----
 
 def prompt_and_prefix(device, config, batch, seed=1):
     torch.manual_seed(seed)
@@ -101,6 +127,7 @@ def ours_sampler(model, device):
 
     def sample(batch, new_tokens=NEW_TOKENS):
         idx, kv = prompt_and_prefix(device, model.config, batch)
+        kv = [(k.to(model.dtype), v.to(model.dtype)) for k, v in kv]
         return decode(model, idx, new_tokens, kv_cache=KVCache(kv), temperature=0, eot=None)
     return sample
 
@@ -123,7 +150,25 @@ def hf_sampler(model, device, peft_model=None):
     return sample
 
 
-def peft_with_prefix(model, kv, batch_rows=1):
+def ct2_sampler(folder, quantization, threads):
+    """CTranslate2's Generator on the same weights; the prefix's P positions become P more real prompt tokens."""
+    import ctranslate2
+    g = ctranslate2.Generator(os.path.join(folder, f"ct2-{quantization}"), device="cpu", compute_type=quantization,
+                              intra_threads=threads)
+    with open(os.path.join(folder, f"ct2-{quantization}", "vocabulary.json")) as f:
+        vocab = json.load(f)
+
+    def sample(batch, new_tokens=NEW_TOKENS):
+        torch.manual_seed(1)
+        idx = torch.randint(0, 50257, (batch, P + PROMPT))
+        tokens = [[vocab[t] for t in row] for row in idx.tolist()]
+        out = g.generate_batch(tokens, max_length=new_tokens, min_length=new_tokens, include_prompt_in_result=False,
+                               end_token=[])
+        return [r.sequences_ids[0] for r in out]
+    return sample
+
+
+def peft_with_prefix(model, kv):
     """A PeftModel whose prefix table holds exactly the keys and values of `kv` (row 0)."""
     from peft import PrefixTuningConfig, get_peft_model
     pm = get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
@@ -133,16 +178,66 @@ def peft_with_prefix(model, kv, batch_rows=1):
     return pm.eval()
 
 
+def sample_workload(side, folder, device, batch, repeats):
+    result = {}
+    if side.startswith("minprefix"):
+        from minprefix import fast
+        model = fast.decoding_model(folder, side_dtype(side), device).requires_grad_(False)
+        sample = ours_sampler(model, device)
+    elif side.startswith("ct2"):
+        sample = ct2_sampler(folder, side.split("-", 1)[1], torch.get_num_threads())
+    else:
+        from transformers import GPT2LMHeadModel
+        hf = GPT2LMHeadModel.from_pretrained(folder, dtype=torch.float32).to(device).eval()
+        if side == "peft-generate":
+            sample = hf_sampler(hf, device, peft_model=peft_with_prefix(hf, prompt_and_prefix(device, hf.config, 1)[1]))
+        else:
+            sample = hf_sampler(hf, device)
+    with Peak(device) as m:
+        dt = timed(lambda: sample(batch), device, repeats)  # the warm-up is a whole run: first-use costs excluded
+    result.update(tokens_per_s=batch * NEW_TOKENS / dt, peak_bytes=m.bytes, tokens=sample(1, 32)[0])
+    return result
+
+
+def beam_workload(side, device, repeats):
+    """10 E2E tables, 5 beams, 40 new tokens each: -> tables per minute (reported as tokens_per_s for the table)."""
+    from minprefix import Tokenizer, fast
+    from minprefix.beam import beam_search
+    from minprefix.data import source_prompt
+    from minprefix.e2e import read_tables
+    from minprefix.generate import pad_left
+    from minprefix.method import build
+    tok = Tokenizer()
+    tables = read_tables(os.path.join(REPO, "..", "shared", "data", "e2e", "test.txt.gz"), 10)
+    model = fast.decoding_model(OFFLINE, side_dtype(side), device).requires_grad_(False)
+    torch.manual_seed(0)
+    prefix = build("kv", model, ["task"], tok, 5, True)
+    idx, real = pad_left([source_prompt(tok, t) for t, _ in tables], device=device)
+    search = fast.beam_search if fast.enabled() else beam_search
+
+    def decode(n=40):
+        with torch.no_grad():
+            run, cache = prefix.apply(model, torch.ones(len(tables), 1, device=device))
+            return search(run, idx, 5, n, kv_cache=cache, real=real, eot=None, banned=(198, 628))
+    with Peak(device) as m:
+        dt = timed(decode, device, repeats)
+    return {"tokens_per_s": len(tables) * 60 / dt, "peak_bytes": m.bytes, "tokens": decode(12)[0]}
+
+
+# ---- training ----
+
 def train_synthetic(side, folder, device, steps):
     torch.manual_seed(0)
     x = torch.randint(0, 50257, (TRAIN_B, TRAIN_T + 1), device=device)
     if side.startswith("minprefix"):
         from minprefix import GPT2, fast
         from minprefix.prefix import KVPrefix
-        from minprefix.trainer import lm_loss, batch_loss
-        model = GPT2.from_pretrained(folder, device=device).requires_grad_(False)
-        if fast.enabled():
-            fast.keep_freed_memory()  # as train.py: the loss and the allocator (accelerate() is for decoding)
+        from minprefix.trainer import batch_loss, lm_loss
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[side_dtype(side)]
+        model = GPT2.from_pretrained(folder, device=device, dtype=dtype).requires_grad_(False)
+        if fast.enabled():  # as train.py: the loss, the allocator and, in half precision, float32 attention
+            fast.keep_freed_memory()
+            fast.for_training(model)
         loss_fn = fast.lm_loss if fast.enabled() else lm_loss
         prefix = KVPrefix(model.config, 1, P, mlp=True).to(device)
         opt = torch.optim.AdamW(prefix.parameters(), lr=5e-5, weight_decay=0.0, fused=True)
@@ -154,7 +249,14 @@ def train_synthetic(side, folder, device, steps):
             loss.backward()
             opt.step()
     else:
-        pm, opt = hf_peft_trainer(folder, device)
+        from peft import PrefixTuningConfig, get_peft_model
+        from transformers import GPT2LMHeadModel
+        model = GPT2LMHeadModel.from_pretrained(folder, dtype=torch.float32).to(device)
+        pm = get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P,
+                                                      prefix_projection=True, encoder_hidden_size=512))
+        pm.train()
+        opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=5e-5, weight_decay=0.0,
+                                fused=True)
 
         def step():  # the standard PEFT loop: model.train(), labels=input_ids (HF shifts them)
             loss = pm(input_ids=x, labels=x).loss
@@ -166,20 +268,10 @@ def train_synthetic(side, folder, device, steps):
     return {"tokens_per_s": TRAIN_B * TRAIN_T / dt, "peak_bytes": m.bytes}
 
 
-def hf_peft_trainer(folder, device):
-    from peft import PrefixTuningConfig, get_peft_model
-    from transformers import GPT2LMHeadModel
-    model = GPT2LMHeadModel.from_pretrained(folder, dtype=torch.float32).to(device)
-    pm = get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P,
-                                                  prefix_projection=True, encoder_hidden_size=512))
-    pm.train()
-    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=5e-5, weight_decay=0.0, fused=True)
-    return pm, opt
-
-
-def train_real(side, device, group_by_length=False):
-    """One epoch on data/train.jsonl at batch 2, prefix 10 with its MLP, the offline model; the same batches
-    (same seed) on both sides unless grouped. -> text tokens/s (targets that are not padding) and held-out loss."""
+def train_real(side, device, mode="kv"):
+    """One epoch on data/train.jsonl at batch 2 on the offline model; the same batches (same seed) on both sides.
+    mode kv: prefix 10 with its MLP; lora: r=4, alpha 32. -> text tokens/s (targets that are not padding),
+    positions/s (every position computed) and the held-out loss."""
     from minprefix import Tokenizer
     from minprefix.data import batches, encode, label_names, read_jsonl
     tok = Tokenizer()
@@ -192,26 +284,34 @@ def train_real(side, device, group_by_length=False):
         from minprefix import GPT2, fast
         from minprefix.method import build
         from minprefix.trainer import batch_loss, evaluate, lm_loss, token_nll
-        model = GPT2.from_pretrained(OFFLINE, device=device).requires_grad_(False)
-        prefix = build("kv", model, labels, tok, P, True).to(device)
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[side_dtype(side)]
+        model = GPT2.from_pretrained(OFFLINE, device=device, dtype=dtype).requires_grad_(False)
+        method = build(mode, model, labels, tok, P, True).requires_grad_(True) if mode == "kv" else \
+            build("lora", model, labels, tok, lora_rank=4, lora_alpha=32).requires_grad_(True)
         if fast.enabled():
             fast.keep_freed_memory()
+            fast.for_training(model)
         loss_fn = fast.lm_loss if fast.enabled() else lm_loss
-        opt = torch.optim.AdamW(prefix.parameters(), lr=5e-5, weight_decay=0.0, fused=True)
-        step_loss = lambda idx, tg, y: batch_loss(model, prefix, idx, tg, y, loss_fn)
-        held = lambda: evaluate(model, prefix, held_out, 2, device, fast.token_nll if fast.enabled() else token_nll)["loss"]
-    else:  # one PEFT adapter per label, as PEFT trains prefixes: each on its own label's texts
-        from peft import PrefixTuningConfig, get_peft_model
+        opt = torch.optim.AdamW(method.parameters(), lr=5e-5 if mode == "kv" else 1e-3, weight_decay=0.0, fused=True)
+        step_loss = lambda idx, tg, y: batch_loss(model, method, idx, tg, y, loss_fn)
+        held = lambda: evaluate(model, method, held_out, 2, device, fast.token_nll if fast.enabled() else token_nll)["loss"]
+        trainable = sum(p.numel() for p in method.parameters())
+    else:  # one PEFT adapter per label, as PEFT trains them: each on its own label's texts
+        from peft import LoraConfig, PrefixTuningConfig, get_peft_model
         from transformers import GPT2LMHeadModel
-        config = lambda: PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P, prefix_projection=True,
-                                            encoder_hidden_size=512)
+        config = (lambda: PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P, prefix_projection=True,
+                                             encoder_hidden_size=512)) if mode == "kv" else \
+            (lambda: LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=32, target_modules=["c_attn"],
+                                fan_in_fan_out=True, lora_dropout=0.0))
         pm = get_peft_model(GPT2LMHeadModel.from_pretrained(OFFLINE, dtype=torch.float32).to(device), config())
         names = ["default"] + labels[1:]
         for name in names[1:]:
             pm.add_adapter(name, config())
-        params = [p for n, p in pm.named_parameters() if "prompt_encoder" in n]
-        opt = torch.optim.AdamW(params, lr=5e-5, weight_decay=0.0, fused=True)
+        key = "prompt_encoder" if mode == "kv" else "lora_"
+        params = [p for n, p in pm.named_parameters() if key in n]
+        opt = torch.optim.AdamW(params, lr=5e-5 if mode == "kv" else 1e-3, weight_decay=0.0, fused=True)
         pm.train()
+        trainable = sum(p.numel() for p in params)
 
         def step_loss(idx, tg, y):  # one label per batch: its adapter; HF shifts the labels itself
             pm.set_adapter(names[int(y[0])])
@@ -227,6 +327,7 @@ def train_real(side, device, group_by_length=False):
 
         @torch.no_grad()
         def held():
+            pm.eval()
             total, count = 0.0, 0
             for rows in by_label(held_out):
                 for idx, tg, y in batches(rows, 2):
@@ -237,8 +338,9 @@ def train_real(side, device, group_by_length=False):
     gen = torch.Generator().manual_seed(0)
     groups = [items] if side.startswith("minprefix") else by_label(items)  # PEFT: label by label
     all_batches = [(i.to(device), t.to(device), y.to(device)) for rows in groups
-                   for i, t, y in batches(rows, 2, shuffle=True, generator=gen, group_by_length=group_by_length)]
+                   for i, t, y in batches(rows, 2, shuffle=True, generator=gen)]
     text_tokens = sum(int((t != -100).sum()) for _, t, _ in all_batches)
+    positions = sum(t.numel() for _, t, _ in all_batches)
     with Peak(device) as m:
         sync(device)
         t0 = time.perf_counter()
@@ -249,29 +351,8 @@ def train_real(side, device, group_by_length=False):
             opt.step()
         sync(device)
         dt = time.perf_counter() - t0
-    return {"tokens_per_s": text_tokens / dt, "peak_bytes": m.bytes, "held_out_loss": held(), "seconds": dt}
-
-
-def sample_workload(side, folder, device, batch, repeats):
-    from transformers import GPT2LMHeadModel
-    result = {}
-    if side.startswith("minprefix"):
-        from minprefix import GPT2, fast
-        model = GPT2.from_pretrained(folder, device=device).requires_grad_(False)
-        if fast.enabled():
-            fast.accelerate(model)
-        sample = ours_sampler(model, device)
-    else:
-        hf = GPT2LMHeadModel.from_pretrained(folder, dtype=torch.float32).to(device).eval()
-        if side == "peft-generate":
-            pm = peft_with_prefix(hf, prompt_and_prefix(device, hf.config, 1)[1])
-            sample = hf_sampler(hf, device, peft_model=pm)
-        else:
-            sample = hf_sampler(hf, device)
-    with Peak(device) as m:
-        dt = timed(lambda: sample(batch), device, repeats, warm_up=lambda: sample(batch, 8))
-    result.update(tokens_per_s=batch * NEW_TOKENS / dt, peak_bytes=m.bytes, tokens=sample(1, 32)[0])
-    return result
+    return {"tokens_per_s": text_tokens / dt, "positions_per_s": positions / dt, "peak_bytes": m.bytes,
+            "held_out_loss": held(), "seconds": dt, "trainable": trainable}
 
 
 def child(side, workload, folder, device, steps):
@@ -279,14 +360,18 @@ def child(side, workload, folder, device, steps):
     device = torch.device(device)
     if workload == "train-synthetic":
         r = train_synthetic(side, folder, device, steps)
-    elif workload.startswith("train-real"):
-        r = train_real(side, device, group_by_length=workload.endswith("grouped"))
+    elif workload == "train-real":
+        r = train_real(side, device)
+    elif workload == "train-lora":
+        r = train_real(side, device, mode="lora")
+    elif workload == "beam-e2e":
+        r = beam_workload(side, device, repeats=3)
     else:
-        r = sample_workload(side, folder, device, int(workload.split("-b")[1]), repeats=2)
+        r = sample_workload(side, folder, device, int(workload.split("-b")[1]), repeats=3)
     print(json.dumps(r))
 
 
-# ---- the parent: the machine, the rounds, the table ----
+# ---- the parent: the machine, the weights, the rounds, the tables ----
 
 def bandwidth(repeats=7):
     """GB/s of the fastest of a few large reads of 1 GiB (same threads as the children): a plain sum, a sum in
@@ -305,7 +390,47 @@ def bandwidth(repeats=7):
             f()
             times.append(time.perf_counter() - t)
         best[name] = x.numel() * 4 / statistics.median(times) / 1e9
+    return max(best.values())
+
+
+def arithmetic(repeats=5):
+    """GFLOP/s of the fastest of a few large matrix products, per dtype: the CPU's peak as PyTorch reaches it."""
+    best = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        rates = []
+        for m, k, n in ((1024, 768, 3072), (2048, 1024, 4096), (512, 768, 50257)):
+            a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+            a @ b
+            t = time.perf_counter()
+            for _ in range(repeats):
+                a @ b
+            rates.append(2 * m * k * n * repeats / (time.perf_counter() - t) / 1e9)
+        best[str(dtype).removeprefix("torch.")] = max(rates)
     return best
+
+
+def make_weights(folder):
+    """GPT-2 small's shape, random weights, in the hub's layout; and CTranslate2's conversions of it, if installed.
+    CTranslate2's converter wants GPT-2's vocabulary files: those tiktoken caches (TIKTOKEN_CACHE_DIR)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config()).save_pretrained(folder)
+    try:
+        import ctranslate2
+    except ImportError:
+        return False
+    cache = os.environ.get("TIKTOKEN_CACHE_DIR", os.path.join(REPO, "..", "shared", "tiktoken"))
+    url = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
+    cached = lambda name: os.path.join(cache, hashlib.sha1((url + name).encode()).hexdigest())
+    with open(cached("encoder.json")) as f:
+        vocab = json.load(f)
+    with open(cached("vocab.bpe"), encoding="utf-8") as f:
+        merges = [tuple(line.split()) for line in f.read().split("\n")[1:] if line]
+    GPT2Tokenizer(vocab=vocab, merges=merges).save_pretrained(folder)
+    for q in ("float32", "int8"):
+        ctranslate2.converters.TransformersConverter(folder).convert(os.path.join(folder, f"ct2-{q}"), quantization=q,
+                                                                     force=True)
+    return True
 
 
 def cpu_name():
@@ -326,7 +451,7 @@ def main():
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds; medians and min-max over them "
                    "(default: %(default)s)")
     p.add_argument("--steps", type=int, help="timed synthetic training steps per round (default: 8 CPU, 30 GPU)")
-    p.add_argument("--only", nargs="+", choices=WORKLOADS, help="run these workloads only")
+    p.add_argument("--only", nargs="+", choices=list(PLAN), help="run these workloads only")
     p.add_argument("--out", help="JSON file to write (default: bench/results-<device>.json)")
     p.add_argument("--child", nargs=3, metavar=("SIDE", "WORKLOAD", "FOLDER"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -339,21 +464,17 @@ def main():
 
     import peft
     import transformers
-    from transformers import GPT2Config, GPT2LMHeadModel
     t0 = time.time()
     folder = tempfile.mkdtemp(prefix="bench-gpt2-")
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config()).save_pretrained(folder)  # GPT-2 small's shape, random weights
-    plan = {"train-synthetic": ["minprefix", "minprefix-reference", "hf"],
-            "train-real": ["minprefix", "minprefix-reference", "hf"], "train-real-grouped": ["minprefix"],
-            "sample-b1": ["minprefix", "minprefix-reference", "hf", "peft-generate"],
-            "sample-b8": ["minprefix", "minprefix-reference", "hf", "peft-generate"]}
-    plan = {w: s for w, s in plan.items() if not args.only or w in args.only}
+    have_ct2 = make_weights(folder)
+    plan = {w: [s for s in sides if (have_ct2 or not s.startswith("ct2")) and not (cuda and s.endswith("int8"))]
+            for w, sides in PLAN.items() if not args.only or w in args.only}
     runs = {w: {s: [] for s in sides} for w, sides in plan.items()}
-    bw = []
+    bw, peak = [], []
     for r in range(args.rounds):
         if not cuda:
             bw.append(bandwidth())
+            peak.append(arithmetic())
         for workload, sides in plan.items():
             for side in (sides if r % 2 == 0 else sides[::-1]):  # alternate who goes first
                 env = dict(os.environ, MINPREFIX_REFERENCE="1" if side == "minprefix-reference" else "0")
@@ -363,67 +484,114 @@ def main():
                     sys.exit(f"{side} {workload} failed:\n{out.stderr[-3000:]}")
                 runs[workload][side].append(json.loads(out.stdout.strip().splitlines()[-1]))
                 print(f"round {r + 1}/{args.rounds} {workload} {side}: "
-                      f"{runs[workload][side][-1]['tokens_per_s']:,.1f} tok/s", file=sys.stderr)
+                      f"{runs[workload][side][-1]['tokens_per_s']:,.1f}", file=sys.stderr)
 
     machine = torch.cuda.get_device_name() if cuda else f"{cpu_name()}, {os.cpu_count()} cores"
-    versions = (f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
+    ct2 = ""
+    if have_ct2:
+        import ctranslate2
+        ct2 = f", ctranslate2 {ctranslate2.__version__}"
+    versions = (f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}{ct2}, "
                 f"{torch.get_num_threads()} threads")
-    tps = lambda w, s: [x["tokens_per_s"] for x in runs[w][s]]
-    med = lambda w, s: statistics.median(tps(w, s))
-    mb = lambda w, s: f"{statistics.median([x['peak_bytes'] for x in runs[w][s]]) / 2**20:,.0f}"
-    lines = [f"minprefix vs HF transformers + PEFT on {args.device}: {machine}; {versions}; median [min-max] of "
-             f"{args.rounds} alternating rounds, {time.time() - t0:.0f} s in all", ""]
-    weights_bytes = 124_439_808 * 4 - 1024 * 768 * 4  # every weight but wpe, read once per decoding step
-    if bw:
-        best = [max(b.values()) for b in bw]
-        limit = statistics.median(best) * 1e9 / weights_bytes
-        lines += [f"memory bandwidth (fastest of sum / sum per thread / bmm over 1 GiB): {fmt_range(best)} GB/s; "
-                  f"a batch-1 decoding step reads {weights_bytes / 1e9:.3f} GB of weights, so the limit is "
-                  f"{limit:.1f} tok/s (batch 8: {8 * limit:.0f})", ""]
-    head = "| workload | minprefix tok/s | reference path | HF (prefix as cache) | PEFT generate as shipped | minprefix / HF | peak MiB: minprefix / HF |"
-    lines += [head, "|---|---|---|---|---|---|---|"]
-    names = {"train-synthetic": "training, GPT-2-small shape, B=2 x T=64, P=10, MLP",
-             "sample-b1": "sampling, batch 1, 128 new tokens, greedy",
-             "sample-b8": "sampling, batch 8, 128 new tokens, greedy"}
-    for w in ("train-synthetic", "sample-b1", "sample-b8"):
-        if w not in runs:
-            continue
-        cells = [fmt_range(tps(w, s)) if s in runs[w] else "-" for s in ("minprefix", "minprefix-reference", "hf",
-                                                                          "peft-generate")]
-        if bw and w.startswith("sample"):
-            batch = int(w.split("-b")[1])
-            cells[0] += f" ({med(w, 'minprefix') / (batch * limit):.0%} of the limit)"
-        lines.append(f"| {names[w]} | " + " | ".join(cells) + f" | **{med(w, 'minprefix') / med(w, 'hf'):.2f}x** | "
-                     f"{mb(w, 'minprefix')} / {mb(w, 'hf')} |")
-    if "train-real" in runs:
-        lines += ["", "| one epoch of data/train.jsonl, batch 2, P=10, MLP (imdb-gpt2-19m, NOT GPT-2) | text tok/s | "
-                  "held-out loss after it | vs HF + PEFT |", "|---|---|---|---|"]
-        rows = [("minprefix, shuffled batches", "train-real", "minprefix"),
-                ("minprefix, grouped by length (--group-by-length)", "train-real-grouped", "minprefix"),
-                ("minprefix reference path, shuffled", "train-real", "minprefix-reference"),
-                ("HF + PEFT, shuffled batches, one adapter per label", "train-real", "hf")]
-        for name, w, s in rows:
-            if w in runs and s in runs[w]:
-                loss = statistics.median([x["held_out_loss"] for x in runs[w][s]])
-                lines.append(f"| {name} | {fmt_range(tps(w, s))} | {loss:.4f} | "
-                             f"{med(w, s) / med('train-real', 'hf'):.2f}x |")
-    checks = []
-    for w in ("sample-b1", "sample-b8"):
-        if w in runs:
-            ours, hf = runs[w]["minprefix"][0]["tokens"], runs[w]["hf"][0]["tokens"]
-            checks.append(f"{w}: greedy tokens of minprefix and HF (prefix as cache) "
-                          f"{'identical' if ours == hf else 'DIFFER'} over the first {len(ours)}")
-            if "peft-generate" in runs[w]:
-                peft_tokens = runs[w]["peft-generate"][0]["tokens"]
-                checks.append(f"{w}: PeftModel.generate {'applied the prefix' if peft_tokens == hf else 'did NOT apply the prefix (its tokens differ from decoding with it)'}")
-    lines += [""] + [f"- {c}" for c in checks]
-    table = "\n".join(lines)
+    table = report(runs, bw, peak, args, machine, versions, time.time() - t0)
     print(table)
     out = args.out or os.path.join(REPO, "bench", f"results-{args.device.split(':')[0]}.json")
     with open(out, "w") as f:
-        json.dump({"device": args.device, "machine": machine, "versions": versions, "bandwidth": bw, "runs": runs,
-                   "table": table}, f, indent=2)
+        json.dump({"device": args.device, "machine": machine, "versions": versions, "bandwidth": bw,
+                   "arithmetic": peak, "runs": runs, "table": table}, f, indent=2)
     print(f"wrote {out}")
+
+
+def report(runs, bw, peak, args, machine, versions, seconds):
+    tps = lambda w, s: [x["tokens_per_s"] for x in runs[w][s]]
+    med = lambda w, s: statistics.median(tps(w, s))
+    cell = lambda w, s: fmt_range(tps(w, s)) if s in runs.get(w, {}) else "-"
+    mb = lambda w, s: f"{statistics.median([x['peak_bytes'] for x in runs[w][s]]) / 2**20:,.0f}" \
+        if s in runs.get(w, {}) else "-"
+    lines = [f"minprefix vs HF transformers + PEFT and CTranslate2 on {args.device}: {machine}; {versions}; median "
+             f"[min-max] of {args.rounds} alternating rounds, {seconds:.0f} s in all", ""]
+    weights_bytes = 124_439_808 * 4 - 1024 * 768 * 4  # every weight but wpe, read once per decoding step
+    limit = None
+    if bw:
+        limit = statistics.median(bw) * 1e9 / weights_bytes
+        flops = {d: statistics.median([x[d] for x in peak]) for d in peak[0]}
+        lines += [f"- memory bandwidth (fastest of sum / sum per thread / bmm over 1 GiB): {fmt_range(bw)} GB/s; a "
+                  f"batch-1 float32 decoding step reads {weights_bytes / 1e9:.3f} GB of weights, so the limit is "
+                  f"{limit:.1f} tok/s (bfloat16 {2 * limit:.1f}, int8 {4 * limit:.1f})",
+                  f"- peak arithmetic (fastest of three large products): float32 {flops['float32']:.0f}, bfloat16 "
+                  f"{flops['bfloat16']:.0f} GFLOP/s; a frozen GPT-2 small trains at most at "
+                  f"{flops['float32'] * 1e9 / (4 * 124e6):.0f} / {flops['bfloat16'] * 1e9 / (4 * 124e6):.0f} "
+                  f"positions/s (4 x 124M multiply-adds per position), the 19M offline model at "
+                  f"{flops['float32'] * 1e9 / (4 * 19.2e6):,.0f} / {flops['bfloat16'] * 1e9 / (4 * 19.2e6):,.0f}", ""]
+    sampling = [w for w in ("sample-b1", "sample-b8") if w in runs]
+    if sampling:
+        lines += ["| sampling, GPT-2-small shape, 128 new tokens, greedy (tok/s) | minprefix float32 | bfloat16 | "
+                  "int8 | reference path | HF (prefix as cache) | PEFT generate as shipped | CTranslate2 float32 | "
+                  "CTranslate2 int8 | minprefix / HF | minprefix / CT2 (float32; bf16 and int8 / CT2 int8) |",
+                  "|" + "---|" * 11]
+        for w in sampling:
+            batch = int(w.split("-b")[1])
+            cells = [cell(w, s) for s in ("minprefix", "minprefix-bf16", "minprefix-int8", "minprefix-reference",
+                                          "hf", "peft-generate", "ct2-float32", "ct2-int8")]
+            if limit:
+                for i, bytes_per in ((0, 1), (1, 2), (2, 4)):
+                    side = ("minprefix", "minprefix-bf16", "minprefix-int8")[i]
+                    if side in runs[w]:
+                        cells[i] += f" ({med(w, side) / (batch * limit * bytes_per):.0%} of the limit)"
+            vs = "-"
+            if "ct2-float32" in runs[w]:
+                vs = (f"**{med(w, 'minprefix') / med(w, 'ct2-float32'):.2f}x**; "
+                      + "; ".join(f"{med(w, s) / med(w, 'ct2-int8'):.2f}x" for s in ("minprefix-bf16", "minprefix-int8")
+                                  if s in runs[w]))
+            lines.append(f"| batch {batch} | " + " | ".join(cells) + f" | **{med(w, 'minprefix') / med(w, 'hf'):.2f}x** "
+                         f"| {vs} |")
+        lines.append("")
+    if "beam-e2e" in runs:
+        w = "beam-e2e"
+        cells = [cell(w, s) for s in ("minprefix", "minprefix-bf16", "minprefix-int8", "minprefix-reference")]
+        lines += ["| beam search, 10 E2E tables x 5 beams x 40 tokens, offline model (tables/min) | float32 | bfloat16 "
+                  "| int8 | reference path | bfloat16 / float32 |", "|---|---|---|---|---|---|",
+                  f"| eval.py --task e2e's decoding | " + " | ".join(cells)
+                  + f" | **{med(w, 'minprefix-bf16') / med(w, 'minprefix'):.2f}x** |", ""]
+    if "train-synthetic" in runs:
+        w = "train-synthetic"
+        lines += ["| training, GPT-2-small shape, B=2 x T=64, P=10, MLP (tok/s) | minprefix float32 | bfloat16 | "
+                  "reference path | HF + PEFT | bfloat16 / float32 | minprefix / HF (float32; bfloat16) | peak MiB: "
+                  "minprefix / HF |", "|" + "---|" * 8,
+                  f"| one step | " + " | ".join(cell(w, s) for s in ("minprefix", "minprefix-bf16",
+                                                                       "minprefix-reference", "hf"))
+                  + f" | **{med(w, 'minprefix-bf16') / med(w, 'minprefix'):.2f}x** | "
+                    f"{med(w, 'minprefix') / med(w, 'hf'):.2f}x; {med(w, 'minprefix-bf16') / med(w, 'hf'):.2f}x | "
+                    f"{mb(w, 'minprefix')} / {mb(w, 'hf')} |", ""]
+    for w, what in (("train-real", "prefix 10 + MLP"), ("train-lora", "LoRA r=4")):
+        if w not in runs:
+            continue
+        lines += [f"| one epoch of data/train.jsonl, batch 2, {what} (imdb-gpt2-19m, NOT GPT-2) | text tok/s | "
+                  "positions/s | held-out loss after it | trained parameters | vs HF + PEFT float32 |", "|---|---|---|---|---|---|"]
+        names = {"minprefix": "minprefix, float32", "minprefix-bf16": "minprefix, bfloat16 (the trained parameters "
+                 "and AdamW float32)", "minprefix-reference": "minprefix reference path, float32",
+                 "hf": "HF + PEFT, float32, one adapter per label" + ("" if w == "train-real" else " (c_attn: q, k, v)")}
+        for s in runs[w]:
+            loss = statistics.median([x["held_out_loss"] for x in runs[w][s]])
+            pos = fmt_range([x["positions_per_s"] for x in runs[w][s]])
+            lines.append(f"| {names[s]} | {cell(w, s)} | {pos} | {loss:.4f} | {runs[w][s][0]['trainable']:,} | "
+                         f"**{med(w, s) / med(w, 'hf'):.2f}x** |")
+        if "minprefix-bf16" in runs[w]:
+            lines.append(f"\nbfloat16 / float32 on this workload: **{med(w, 'minprefix-bf16') / med(w, 'minprefix'):.2f}x**")
+        lines.append("")
+    checks = []
+    for w in sampling:
+        ours, hf = runs[w]["minprefix"][0]["tokens"], runs[w]["hf"][0]["tokens"]
+        checks.append(f"{w}: greedy tokens of minprefix and HF (prefix as cache) "
+                      f"{'identical' if ours == hf else 'DIFFER'} over the first {len(ours)}")
+        if "peft-generate" in runs[w]:
+            peft_tokens = runs[w]["peft-generate"][0]["tokens"]
+            checks.append(f"{w}: PeftModel.generate {'applied the prefix' if peft_tokens == hf else 'did NOT apply the prefix (its tokens differ from decoding with it)'}")
+    if "beam-e2e" in runs:
+        agree = [s for s in runs["beam-e2e"] if runs["beam-e2e"][s][0]["tokens"] == runs["beam-e2e"]["minprefix"][0]["tokens"]]
+        checks.append(f"beam-e2e: the first table's best hypothesis (12 tokens) equals float32's for: {', '.join(agree)}")
+    lines += [f"- {c}" for c in checks]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

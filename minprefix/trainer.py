@@ -94,6 +94,10 @@ def loss_plot_path(out):
     return str(out).rstrip("/").removesuffix(".safetensors") + ".loss.png"
 
 
+def history_path(out):  # the numbers behind the loss plot: every step's loss, every held-out pass
+    return str(out).rstrip("/").removesuffix(".safetensors") + ".history.json"
+
+
 class NothingToResume(Exception):
     """--resume on a run that has already done every epoch asked for."""
 
@@ -118,24 +122,32 @@ def read_resume_state(out, run, epochs):
 
 
 def schedule(step, total, warmup=0):
-    """The learning rate's factor at a step: linear warm-up over `warmup` steps, then linear decay to 0 at `total`."""
+    """The learning rate's factor at a step: linear warm-up from 0 over `warmup` steps, then linear decay to 0 at
+    `total` (HF's get_linear_schedule_with_warmup, which the paper's code and the LoRA paper's use)."""
     if step < warmup:
-        return (step + 1) / warmup
-    return max(0.0, 1 - step / total) if warmup == 0 else max(0.0, (total - step) / (total - warmup))
+        return step / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
 
 
 def train(model, method, train_items, val_items, labels, out, epochs=5, batch_size=2, lr=5e-5, seed=0,
           device="cpu", info=None, keep="best", resume=False, group_by_length=False, run=None, weight_decay=0.0,
-          warmup=0, keep_state=False, log=tqdm.write):
+          warmup=0, keep_state=False, max_steps=None, eval_every=None, log=tqdm.write):
     """Trains `method` (minprefix/method.py) in place; writes to `out` and beside it. run: the settings that make
     a run (data, base model, hyperparameters); a resumed run must have the same, but may ask for more epochs.
-    -> history: {"step_loss", "val" (the held-out pass per epoch), "val_loss", "steps_per_epoch", "kept_epoch",
-    "selected_by", "interrupted", "resumed_at", "finished"}"""
+    max_steps: stop there (the schedule decays to 0 there), whatever the epochs; eval_every: the held-out pass
+    every N steps (and at the end) instead of after each epoch, as the paper's low-data runs keep the best of
+    them (its early stopping).
+    -> history: {"step_loss", "val" (the held-out passes), "val_loss", "steps_per_epoch", "kept_epoch",
+    "kept_step", "selected_by", "interrupted", "resumed_at", "finished"}"""
     if keep not in ("best", "last"):
         raise ValueError(f"keep must be 'best' or 'last', got {keep!r}")
     device = torch.device(device)
+    steps_per_epoch = math.ceil(len(train_items) / batch_size)
+    if max_steps is not None:
+        epochs = math.ceil(max_steps / steps_per_epoch)
+    total = max_steps or epochs * steps_per_epoch
     run = dict(run or {}, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, group_by_length=group_by_length,
-               weight_decay=weight_decay, warmup=warmup)
+               weight_decay=weight_decay, warmup=warmup, max_steps=max_steps, eval_every=eval_every)
     loss_fn, nll_fn = (fast.lm_loss, fast.token_nll) if fast.enabled() else (lm_loss, token_nll)
     if fast.enabled():
         fast.keep_freed_memory()
@@ -145,12 +157,12 @@ def train(model, method, train_items, val_items, labels, out, epochs=5, batch_si
     trainable = [p for p in method.parameters() if p.requires_grad]
     # The paper uses no weight decay: it would pull a prefix's keys and values toward zero, which means nothing.
     opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay, fused=device.type in ("cpu", "cuda"))
-    steps_per_epoch = math.ceil(len(train_items) / batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule(s, epochs * steps_per_epoch, warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule(s, total, warmup))
     gen = torch.Generator().manual_seed(seed)
     metric, higher = selection(method, keep)
     history = {"step_loss": [], "val": [], "val_loss": [], "steps_per_epoch": steps_per_epoch, "kept_epoch": None,
-               "selected_by": metric or "last", "interrupted": False, "resumed_at": None, "finished": False}
+               "kept_step": None, "selected_by": metric or "last", "interrupted": False, "resumed_at": None,
+               "finished": False}
     first = 1
     if resume:
         state = read_resume_state(out, run, epochs)
@@ -165,15 +177,16 @@ def train(model, method, train_items, val_items, labels, out, epochs=5, batch_si
         if epochs != state["run"]["epochs"]:
             step = state["epoch"] * steps_per_epoch
             log(f"extending the run from {state['run']['epochs']} to {epochs} epochs: the learning rate now follows "
-                f"the {epochs}-epoch schedule, {lr * schedule(step, epochs * steps_per_epoch, warmup):.3g} at step "
-                f"{step} (it was {opt.param_groups[0]['lr']:.3g}), linearly to 0 at step {epochs * steps_per_epoch}")
+                f"the {epochs}-epoch schedule, {lr * schedule(step, total, warmup):.3g} at step "
+                f"{step} (it was {opt.param_groups[0]['lr']:.3g}), linearly to 0 at step {total}")
             for group in opt.param_groups:  # LambdaLR keeps the old epoch's lr until its next step
-                group["lr"] = lr * schedule(step, epochs * steps_per_epoch, warmup)
+                group["lr"] = lr * schedule(step, total, warmup)
 
-    def save(epoch, interrupted=False):  # the checkpoint users load: a prefix, a LoRA or a model folder
+    def save(epoch, val=None, interrupted=False):  # the checkpoint users load: a prefix, a LoRA or a model folder
         steps = history["step_loss"][-steps_per_epoch:]
-        val = history["val"][epoch - 1] if 0 < epoch <= len(history["val"]) else {}
-        meta = dict(info or {}, epoch=epoch, epochs_done=round(len(history["step_loss"]) / steps_per_epoch, 3),
+        val = val or {}
+        meta = dict(info or {}, epoch=epoch, step=len(history["step_loss"]),
+                    epochs_done=round(len(history["step_loss"]) / steps_per_epoch, 3),
                     steps=len(history["step_loss"]), interrupted=interrupted, lr=lr, batch_size=batch_size, seed=seed,
                     val_loss=val.get("loss"), steer_acc=val.get("steer_acc"), steer_margin=val.get("steer_margin"),
                     selected_by=history["selected_by"], train_loss=sum(steps) / max(1, len(steps)))
@@ -186,8 +199,31 @@ def train(model, method, train_items, val_items, labels, out, epochs=5, batch_si
         with atomic_path(state_path(out)) as tmp:
             torch.save(state, tmp)
 
+    def check(epoch):  # the held-out pass, and what follows from it
+        val = dict(evaluate(model, method, val_items, batch_size, device, nll_fn), step=len(history["step_loss"]),
+                   epoch=epoch)
+        history["val"].append(val)
+        history["val_loss"].append(val["loss"])
+        scores = [v[metric] for v in history["val"]] if metric else None
+        kept = metric is None or val[metric] == (max(scores) if higher else min(scores))
+        if kept:
+            history.update(kept_epoch=epoch, kept_step=val["step"])
+            save(epoch, val)
+        save_loss_plot(history, loss_plot_path(out))
+        with atomic_path(history_path(out)) as tmp:
+            with open(tmp, "w") as f:
+                json.dump(history, f)
+        kept_val = next(v for v in history["val"] if v["step"] == history["kept_step"])
+        done = history["step_loss"][-steps_per_epoch:]
+        where = f"epoch {epoch}" + (f", step {val['step']}" if eval_every else "")
+        return (f"{where}: train loss {sum(done) / len(done):.4f}  held-out loss {val['loss']:.4f}"
+                + (f"  steering: {val['steer_acc']:.0%} of texts best explained by their own label, margin "
+                   f"{val['steer_margin']:+.4f} nats/token" if "steer_acc" in val else "")
+                + ("  (kept)" if kept else f"  (keeping step {kept_val['step']}: {metric} {kept_val[metric]:.4f})"))
+
     epoch = finished = first - 1
-    bar = tqdm(total=(epochs - first + 1) * steps_per_epoch, dynamic_ncols=True, unit="step")  # ETA: the whole run
+    last_saved = (first - 1) * steps_per_epoch
+    bar = tqdm(total=total - (first - 1) * steps_per_epoch, dynamic_ncols=True, unit="step")  # ETA: the whole run
     try:
         for epoch in range(first, epochs + 1):
             bar.set_description(f"epoch {epoch}/{epochs}")
@@ -203,27 +239,21 @@ def train(model, method, train_items, val_items, labels, out, epochs=5, batch_si
                 running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
                 bar.set_postfix(loss=f"{running:.3f}")
                 bar.update()
-            val = evaluate(model, method, val_items, batch_size, device, nll_fn)
-            history["val"].append(val)
-            history["val_loss"].append(val["loss"])
-            if metric is None:
-                kept = True
-            else:
-                scores = [v[metric] for v in history["val"]]
-                kept = val[metric] == (max(scores) if higher else min(scores))
-            if kept:
-                history["kept_epoch"] = epoch
-                save(epoch)
-            save_state(epoch)
+                step = len(history["step_loss"])
+                if eval_every and (step % eval_every == 0 or step == total):
+                    log(check(epoch))
+                if step >= total:
+                    break
+            line = None if eval_every else check(epoch)
+            step = len(history["step_loss"])
+            if step >= total or not eval_every or step - last_saved >= eval_every:  # not every tiny epoch
+                save_state(epoch)
+                last_saved = step
             finished = epoch
-            save_loss_plot(history, loss_plot_path(out))
-            kept_val = history["val"][history["kept_epoch"] - 1]
-            log(f"epoch {epoch}: train loss {sum(history['step_loss'][-steps_per_epoch:]) / steps_per_epoch:.4f}"
-                f"  held-out loss {val['loss']:.4f}"
-                + (f"  steering: {val['steer_acc']:.0%} of texts best explained by their own label, margin "
-                   f"{val['steer_margin']:+.4f} nats/token" if "steer_acc" in val else "")
-                + ("  (kept)" if kept else f"  (keeping epoch {history['kept_epoch']}: {metric} "
-                                           f"{kept_val[metric]:.4f})"))
+            if line:  # said once the epoch is saved: Ctrl-C after this line resumes after this epoch
+                log(line)
+            if step >= total:
+                break
         history["finished"] = True
         if not keep_state:
             os.remove(state_path(out))
@@ -255,7 +285,7 @@ def save_loss_plot(history, path):
     ax.plot(range(1, len(steps) + 1), smooth, color="tab:blue", lw=1.5, label=f"train (mean of {k} steps)")
     n = history["steps_per_epoch"]
     val = history.get("val") or [{"loss": v} for v in history["val_loss"]]
-    ends = [n * e for e in range(1, len(val) + 1)]
+    ends = [v.get("step", n * e) for e, v in enumerate(val, start=1)]  # where each held-out pass was
     ax.plot(ends, [v["loss"] for v in val], "o-", color="tab:orange", label="held-out loss (per epoch)", zorder=4)
     lines = ax.get_legend_handles_labels()
     if "steer_margin" in val[0]:  # the steering measure on its own axis
@@ -265,10 +295,12 @@ def save_loss_plot(history, path):
         ax2.set_ylabel("held-out steering margin (nats per token)", color="tab:green")
         h2, l2 = ax2.get_legend_handles_labels()
         lines = (lines[0] + h2, lines[1] + l2)
-    if history.get("kept_epoch"):  # a hollow star around the kept epoch's point, which stays visible inside it
+    if history.get("kept_epoch"):  # a hollow star around the kept pass's point, which stays visible inside it
         e = history["kept_epoch"]
-        ax.plot([n * e], [val[e - 1]["loss"]], "*", ms=22, mfc="none", mec="tab:red", mew=1.8, zorder=5,
-                label=f"kept: epoch {e} ({history.get('selected_by', 'loss')})")
+        i = ends.index(history["kept_step"]) if history.get("kept_step") in ends else e - 1
+        ax.plot([ends[i]], [val[i]["loss"]], "*", ms=22, mfc="none", mec="tab:red", mew=1.8, zorder=5,
+                label=f"kept: epoch {e}" + (f", step {ends[i]}" if ends[i] != n * e else "")
+                      + f" ({history.get('selected_by', 'loss')})")
         h, l = ax.get_legend_handles_labels()
         lines = (lines[0] + h[-1:], lines[1] + l[-1:])
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -55,13 +55,14 @@ def test_the_papers_equation_on_the_query_and_value_rows(offline_model):
     base = offline_model.h[2].attn.c_attn
     with torch.no_grad():
         got = run.h[2].attn.c_attn(x)
-        want = base(x)
+        plain = base(x)
+        want = plain.clone()
         for t, rows in (("q", slice(0, C)), ("v", slice(2 * C, 3 * C))):
             pair = lora.h[2][key(t)]
             for i in range(2):
                 want[..., rows] += w[0, i] * (32 / 4) * x @ (pair.B[i] @ pair.A[i]).t()
     assert (got - want).abs().max().item() <= 1e-5
-    assert torch.equal(got[..., C:2 * C], base(x)[..., C:2 * C])  # no key pair: the keys are the base model's
+    assert torch.equal(got[..., C:2 * C], plain[..., C:2 * C])  # no key pair: the keys are the base model's
 
 
 @pytest.mark.parametrize("targets", [("q", "v"), ALL, ("c_attn",)], ids=["qv", "all", "c_attn"])
@@ -189,3 +190,19 @@ def test_beam_search_with_a_lora(offline_model):
     assert merged == unmerged
     with pytest.raises(ValueError, match="decode rows of one mix together"):
         beam_search(lora.unmerged(offline_model, torch.tensor([[1.0, 0.0], [0.0, 1.0]])), tokens()[:, :4], 3, 4)
+
+
+def test_half_precision_model_float32_pairs(offline_model_dir):
+    """--dtype bfloat16: the frozen model in bfloat16, the pairs (and their gradients) in float32, the loss close
+    to float32's."""
+    model = GPT2.from_pretrained(offline_model_dir, dtype=torch.bfloat16).requires_grad_(False)
+    full = GPT2.from_pretrained(offline_model_dir).requires_grad_(False)
+    lora = random_lora(full, ("q", "v", "mlp.c_fc")).requires_grad_(True)
+    idx = tokens()
+    labels = torch.tensor([0, 1])
+    half = batch_loss(model, lora, idx[:, :-1], idx[:, 1:], labels)
+    half.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+               for p in lora.parameters())
+    with torch.no_grad():
+        assert abs(half.item() - batch_loss(full, lora, idx[:, :-1], idx[:, 1:], labels).item()) < 0.05

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import REPO
-from minprefix import Tokenizer, generate
+from minprefix import Tokenizer
+from minprefix.generate import generate  # the reference: the shared model stays as it is
 from minprefix.data import batches, encode, label_names, read_jsonl
 from minprefix.evaluation import Judge
 from minprefix.prefix import label_weights

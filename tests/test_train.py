@@ -215,7 +215,9 @@ def test_learning_rate_decays_linearly_to_zero(offline_model, items, tmp_path, m
     assert seen == pytest.approx([0.01 * (1 - s / n) for s in range(n)])
     seen.clear()
     run(offline_model, fresh_prefix(offline_model, mlp=False), items, tmp_path / "w.safetensors", lr=0.01, warmup=3)
-    assert seen == pytest.approx([0.01 * f for f in (1 / 3, 2 / 3, 1, 1, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6)])
+    assert seen == pytest.approx([0.01 * f for f in (0, 1 / 3, 2 / 3, 1, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6)])  # HF's
+    from minprefix.trainer import schedule
+    assert [schedule(s, 4, 4) for s in range(6)] == [0, 0.25, 0.5, 0.75, 0, 0]  # warm-up as long as the run
 
 
 def test_conditional_loss_covers_only_the_text_and_its_end():
@@ -257,3 +259,28 @@ def test_fine_tuned_model_loads_in_minprefix_and_transformers(offline_model_dir,
         assert (ours(idx) - model(idx)).abs().max().item() <= 1e-5
         assert (ours(idx) - hf(idx).logits).abs().max().item() <= 1e-4
     assert json.loads((folder / "config.json").read_text())["minprefix"]["fine_tuned_from"] == os.path.abspath(offline_model_dir)
+
+
+def test_max_steps_and_a_held_out_pass_every_n_steps(offline_model, items, tmp_path, monkeypatch):
+    """The low-data protocol: stop at max_steps (the schedule reaching 0 there), a held-out pass every N steps and
+    at the end, the kept checkpoint the best of those passes, whatever the epochs."""
+    fake, states = fake_pass([{"loss": 3.0}, {"loss": 2.0}, {"loss": 2.5}])
+    monkeypatch.setattr(trainer, "evaluate", fake)
+    seen, step = [], torch.optim.AdamW.step
+
+    def record(self, *a, **kw):
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *a, **kw)
+    monkeypatch.setattr(torch.optim.AdamW, "step", record)
+    torch.manual_seed(0)
+    prefix = build("kv", offline_model, ["task"], Tokenizer(), 4, True)
+    one = [(ids, start, 0) for ids, start, _ in items]  # 6 texts, batch 2: 3 steps an epoch
+    out = tmp_path / "s.safetensors"
+    history = train(offline_model, prefix, one, one[:2], ["task"], out, epochs=99, max_steps=7, eval_every=3,
+                    batch_size=2, lr=1e-3, keep="best")
+    assert len(history["step_loss"]) == 7 and [v["step"] for v in history["val"]] == [3, 6, 7]
+    assert history["kept_step"] == 6 and history["kept_epoch"] == 2 and history["finished"]
+    assert seen == pytest.approx([1e-3 * (1 - s / 7) for s in range(7)])
+    _, meta = load_prefix(out)
+    assert meta["info"]["step"] == 6 and meta["info"]["val_loss"] == 2.0
+    assert not os.path.exists(state_path(out))
