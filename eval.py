@@ -70,6 +70,15 @@ def plot_sweep(rows, alphas, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    draw_sweep(ax, rows, alphas)
+    ax.set_title("the sentiment dial, from neutral prompts")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def draw_sweep(ax, rows, alphas):
+    """Each row's alpha sweep [(name, row)]: the mean VADER score per alpha with its 95% interval."""
     for name, r in rows:
         if "alpha_sweep" in r:
             means = [r["alpha_sweep"][a] for a in alphas]
@@ -79,12 +88,8 @@ def plot_sweep(rows, alphas, path):
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xlabel("alpha  (mixed = alpha * positive + (1 - alpha) * negative)")
     ax.set_ylabel("mean VADER compound (95% interval)")
-    ax.set_title("the sentiment dial, from neutral prompts")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def parser():

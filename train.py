@@ -111,7 +111,6 @@ def main(argv=None):
         os.environ["MINPREFIX_REFERENCE"] = "1"
     train_set = read_data(args.data, format=args.format)
     conditional = train_set[0].source is not None
-    kind = "source" if conditional else "labelled"
     if args.mode != "kv":
         if args.mlp:
             p.error(f"--mlp reparametrizes the K/V prefix; --mode {args.mode} has none")

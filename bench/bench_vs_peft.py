@@ -551,14 +551,14 @@ def report(runs, bw, peak, args, machine, versions, seconds):
         cells = [cell(w, s) for s in ("minprefix", "minprefix-bf16", "minprefix-int8", "minprefix-reference")]
         lines += ["| beam search, 10 E2E tables x 5 beams x 40 tokens, offline model (tables/min) | float32 | bfloat16 "
                   "| int8 | reference path | bfloat16 / float32 |", "|---|---|---|---|---|---|",
-                  f"| eval.py --task e2e's decoding | " + " | ".join(cells)
+                  "| eval.py --task e2e's decoding | " + " | ".join(cells)
                   + f" | **{med(w, 'minprefix-bf16') / med(w, 'minprefix'):.2f}x** |", ""]
     if "train-synthetic" in runs:
         w = "train-synthetic"
         lines += ["| training, GPT-2-small shape, B=2 x T=64, P=10, MLP (tok/s) | minprefix float32 | bfloat16 | "
                   "reference path | HF + PEFT | bfloat16 / float32 | minprefix / HF (float32; bfloat16) | peak MiB: "
                   "minprefix / HF |", "|" + "---|" * 8,
-                  f"| one step | " + " | ".join(cell(w, s) for s in ("minprefix", "minprefix-bf16",
+                  "| one step | " + " | ".join(cell(w, s) for s in ("minprefix", "minprefix-bf16",
                                                                        "minprefix-reference", "hf"))
                   + f" | **{med(w, 'minprefix-bf16') / med(w, 'minprefix'):.2f}x** | "
                     f"{med(w, 'minprefix') / med(w, 'hf'):.2f}x; {med(w, 'minprefix-bf16') / med(w, 'hf'):.2f}x | "

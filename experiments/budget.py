@@ -6,7 +6,7 @@ falls well below the full one).
 The budget: the first 5,000 E2E training pairs, one epoch (500 steps of batch 10), the held-out loss on the first
 500 validation pairs every 100 steps (the best kept), the first 200 test tables scored. Then:
   --study lr        per method, three or four learning rates, each run's held-out loss curve: prefix-tuning (length 5,
-                    MLP) 8e-5 / 3e-4 / 1e-3 / 3e-3, LoRA (r=4 on q, v) 2e-4 / 1e-3 / 3e-3, fine-tuning 5e-5 / 2e-4 / 5e-4
+                    MLP) 8e-5 / 3e-4 / 1e-3 / 3e-3, LoRA (r=4 on q, v) 2e-4 / 1e-3 / 3e-3 / 1e-2, fine-tuning 5e-5 / 2e-4 / 5e-4
   --study length    P = 1, 5, 10, 20 for the K/V prefix with its MLP (at the best rate the lr study found), the
                     K/V table without it and the embedding-only prefix (both at 5e-3, the sentiment recipe's)
 
@@ -24,7 +24,7 @@ from common import DATA, REPO, plot_lines, run, slice_of  # noqa: E402
 
 COMMON = ["--epochs", "1", "--batch-size", "10", "--warmup", "0", "--weight-decay", "0", "--eval-every", "100",
           "--keep", "best"]
-LRS = {"prefix-tuning": ("8e-5", "3e-4", "1e-3", "3e-3"), "LoRA": ("2e-4", "1e-3", "3e-3"),
+LRS = {"prefix-tuning": ("8e-5", "3e-4", "1e-3", "3e-3"), "LoRA": ("2e-4", "1e-3", "3e-3", "1e-2"),
        "fine-tuning": ("5e-5", "2e-4", "5e-4")}
 METHOD = {"prefix-tuning": ["--mode", "kv", "--mlp", "--prefix-len", "5"],
           "LoRA": ["--mode", "lora", "--lora-rank", "4", "--lora-targets", "q,v"], "fine-tuning": ["--mode", "finetune"]}

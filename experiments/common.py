@@ -5,7 +5,6 @@ with the flags a user would type.
 Every study scores on the same fixed subset: the first TABLES of the 630 E2E test tables (all their references),
 decoded as eval.py --task e2e decodes (the paper's: beam 5, at least 5 and at most 100 new tokens, newlines banned).
 """
-import gzip
 import json
 import os
 import random

@@ -138,19 +138,12 @@ def plot(results, path):
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.2), squeeze=False)
     for ax, (data, result) in zip(axes[0], results.items()):
-        for row in result["rows"][1:-1]:
-            alphas = sorted(float(a) for a in row["alpha_sweep"])
-            means = [row["alpha_sweep"][str(a)] for a in alphas]
-            err = [[m - row["alpha_sweep_ci"][str(a)][0] for m, a in zip(means, alphas)],
-                   [row["alpha_sweep_ci"][str(a)][1] - m for m, a in zip(means, alphas)]]
-            ax.errorbar(alphas, means, yerr=err, fmt="o-", capsize=3,
-                        label=f"{os.path.basename(row['checkpoint']).removesuffix('.safetensors')} (lr {row['lr']:g})")
-        ax.axhline(0, color="grey", lw=0.8)
+        alphas = sorted(float(a) for a in result["rows"][1]["alpha_sweep"])
+        rows = [(f"{os.path.basename(r['checkpoint']).removesuffix('.safetensors')} (lr {r['lr']:g})",
+                 {k: {float(a): v for a, v in r[k].items()} for k in ("alpha_sweep", "alpha_sweep_ci")})
+                for r in result["rows"][1:-1]]  # JSON's keys are strings: alpha as a number again
+        evaluate_script.draw_sweep(ax, rows, alphas)
         ax.set_title(data)
-        ax.set_xlabel("alpha (1 = positive, 0 = negative)")
-        ax.set_ylabel("mean VADER compound, 95% interval")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

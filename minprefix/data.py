@@ -59,14 +59,7 @@ def read_data(path, labels=None, format=None):
 def jsonl_kind(path):
     """-> "labelled" or "source", decided by every row of the file, not by its first line."""
     kinds = {}  # kind -> the first line that has it
-    for where, line in _lines(path):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{where}: expected a JSON object ({{\"text\", \"sentiment\"}} or {{\"source\", "
-                             f"\"text\"}}), got {type(row).__name__}")
+    for where, row in _objects(path, '{"text", "sentiment"} or {"source", "text"}'):
         if "sentiment" in row and "source" in row:
             raise ValueError(f"{where}: the row has both 'sentiment' and 'source', so it could be labelled text or "
                              f"source -> text: say which with --format labelled or --format source")
@@ -86,18 +79,23 @@ def jsonl_kind(path):
     return next(iter(kinds))
 
 
-def read_jsonl(path, labels=None, conditional=False):
-    """-> examples. conditional: rows {"source", "text"}; else {"text", "sentiment"} with the label in labels."""
-    fields = ("source", "text") if conditional else ("text", "sentiment")
-    examples = []
+def _objects(path, expected):
+    """-> (file:line, the row's JSON object), every non-blank line; refused by line if not a JSON object."""
     for where, line in _lines(path):
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(row, dict):
-            raise ValueError(f"{where}: expected an object with {' and '.join(repr(f) for f in fields)}, "
-                             f"got {type(row).__name__}")
+            raise ValueError(f"{where}: expected a JSON object with {expected}, got {type(row).__name__}")
+        yield where, row
+
+
+def read_jsonl(path, labels=None, conditional=False):
+    """-> examples. conditional: rows {"source", "text"}; else {"text", "sentiment"} with the label in labels."""
+    fields = ("source", "text") if conditional else ("text", "sentiment")
+    examples = []
+    for where, row in _objects(path, " and ".join(repr(f) for f in fields)):
         for field in fields:
             if field not in row:
                 raise ValueError(f"{where}: missing field '{field}'")

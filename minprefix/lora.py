@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 
 from minprefix.files import atomic_path
 from minprefix.gpt2 import GPTConfig
+from minprefix.prefix import base_config
 
 FORMAT = "minprefix-lora-v1"
 DEFAULT_TARGETS = ("q", "v")
@@ -211,10 +212,7 @@ def load_lora(path, model=None):
         raise ValueError(f"{path}: not a readable LoRA checkpoint (corrupt or truncated?): {e}") from e
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: not a minprefix LoRA checkpoint (metadata format={meta.get('format')!r})")
-    config = GPTConfig(**json.loads(meta["base_config"]))
-    if model is not None and vars(model.config) != vars(config):
-        raise ValueError(f"{path} was trained for base model {meta['base_model']} ({vars(config)}), "
-                         f"but the model loaded is {model.name_or_path} ({vars(model.config)})")
+    config = base_config(path, meta, model)
     labels, targets = json.loads(meta["labels"]), json.loads(meta["targets"])
     try:
         check_targets(targets, config)

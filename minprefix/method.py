@@ -138,7 +138,7 @@ def latest(default):
 
 def describe(meta):
     """A row name for tables: what the checkpoint is."""
-    mode, info = meta["mode"], meta.get("info", {})
+    mode = meta["mode"]
     if mode == "finetune":
         return "fine-tuning (every weight)"
     if mode == "lora":

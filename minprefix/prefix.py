@@ -172,6 +172,15 @@ def save_prefix(path, prefix, base_model, labels, info=None, trained_with_mlp=No
     return table.numel()
 
 
+def base_config(path, meta, model=None):
+    """The config of the base model a checkpoint (prefix or LoRA) was trained for; refused if `model` is another."""
+    config = GPTConfig(**json.loads(meta["base_config"]))
+    if model is not None and vars(model.config) != vars(config):
+        raise ValueError(f"{path} was trained for base model {meta['base_model']} ({vars(config)}), "
+                         f"but the model loaded is {model.name_or_path} ({vars(model.config)})")
+    return config
+
+
 def load_prefix(path, model=None):
     """-> (prefix module holding the saved table, metadata). With model: refuse a prefix made for another base."""
     try:
@@ -183,10 +192,7 @@ def load_prefix(path, model=None):
         raise ValueError(f"{path}: not a readable prefix checkpoint (corrupt or truncated?): {e}") from e
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: not a minprefix prefix checkpoint (metadata format={meta.get('format')!r})")
-    config = GPTConfig(**json.loads(meta["base_config"]))
-    if model is not None and vars(model.config) != vars(config):
-        raise ValueError(f"{path} was trained for base model {meta['base_model']} ({vars(config)}), "
-                         f"but the model loaded is {model.name_or_path} ({vars(model.config)})")
+    config = base_config(path, meta, model)
     labels = json.loads(meta["labels"])
     prefix = make_prefix(meta["mode"], config, len(labels), int(meta["prefix_len"]))
     want = (len(labels), prefix.prefix_len) + ((config.n_layer, 2 * config.n_embd) if meta["mode"] == "kv" else (config.n_embd,))

@@ -114,7 +114,7 @@ def read_resume_state(out, run, epochs):
               if key != "epochs" and state["run"].get(key) != value]
     if differ:
         raise ValueError(f"--resume: {path} is a run with " + "; ".join(differ) + ". Resume with the same settings, "
-                         f"or start afresh without --resume")
+                         "or start afresh without --resume")
     if epochs <= state["epoch"]:
         raise NothingToResume(f"--resume: {path} has finished {state['epoch']} epochs of {state['run']['epochs']}: "
                               f"nothing left to do for --epochs {epochs}; give a larger --epochs to train on")

@@ -193,7 +193,7 @@ def test_prompts_file_batched_equals_each_prompt_alone(trained, tmp_path):
     assert [r["prompt"] for r in rows] == prompts and all(r["alpha"] == 0.8 for r in rows)
     assert [(r["index"], r["prompt_index"], r["line"]) for r in rows] == [(i, i, i + 1) for i in range(4)]
     for prompt, row in zip(prompts, rows):
-        alone = run("sample.py", "--prefix", trained[0], "--prompt", prompt, "--n", 1, "--temperature", 0,
+        run("sample.py", "--prefix", trained[0], "--prompt", prompt, "--n", 1, "--temperature", 0,
                     "--max-new-tokens", 25, "--alpha", 0.8, "--output", tmp_path / "one.jsonl")
         assert json.loads((tmp_path / "one.jsonl").read_text())["text"] == row["text"]
     assert samples(p) == [f"[{i + 1}] {q}{r['text']}" for i, (q, r) in enumerate(zip(prompts, rows))]  # in order
@@ -229,7 +229,7 @@ def test_stream_with_many_rows_prints_and_writes_every_sample(trained, tmp_path)
     assert [r["prompt"] for r in rows] == ["The food", "Our mentor"] and all(r["text"] is not None for r in rows)
     assert samples(p) == ["[1] The food" + rows[0]["text"], "[2] Our mentor" + rows[1]["text"]]
     for r in rows:  # greedy: the same text as the prompt decoded alone, without streaming
-        alone = run("sample.py", "--prefix", trained[0], "--prompt", r["prompt"], "--n", 1, "--temperature", 0,
+        run("sample.py", "--prefix", trained[0], "--prompt", r["prompt"], "--n", 1, "--temperature", 0,
                     "--max-new-tokens", 12, "--no-stream", "--output", tmp_path / "one.jsonl")
         assert json.loads((tmp_path / "one.jsonl").read_text())["text"] == r["text"]
 

@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from minprefix import GPT2, Tokenizer, fast
 from minprefix.lora import LoRA, key, load_lora, save_lora

@@ -1,7 +1,6 @@
 """minprefix.peft on LoRA checkpoints: PEFT LoRA adapters out and back, checked against PEFT itself (peft and
 transformers are test-only references here; minprefix never imports them)."""
 import json
-import shutil
 import subprocess
 import sys
 import warnings
@@ -15,6 +14,7 @@ from conftest import REPO, random_hf_gpt2, write_hub_layout
 from minprefix import Tokenizer
 from minprefix.lora import LoRA, load_lora, save_lora
 from minprefix.peft import AdapterError, export_adapters, import_adapters, main
+from test_peft import copy_adapter
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -116,14 +116,6 @@ def peft_adapters(offline_model_dir, tmp_path_factory):
                             lora_alpha=32),
             train_like_peft(offline_model_dir, root / "neg-three", 3, target_modules=["c_attn", "c_proj", "c_fc"], r=8,
                             lora_alpha=16, rank_pattern={"h.0.mlp.c_fc": 3}, alpha_pattern={"c_proj": 6})]}
-
-
-def copy_adapter(src, dst, **fields):
-    shutil.copytree(src, dst)
-    config = json.loads((dst / "adapter_config.json").read_text())
-    config.update(fields)
-    (dst / "adapter_config.json").write_text(json.dumps(config))
-    return dst
 
 
 def tensors_of(path):
@@ -318,6 +310,6 @@ def test_cli(checkpoints, peft_adapters, tmp_path, capsys):
             (["export", str(tmp_path / "missing.safetensors"), str(tmp_path / "o")], "no checkpoint at")):
         p = subprocess.run([sys.executable, "-m", "minprefix.peft", *argv], cwd=REPO, capture_output=True, text=True,
                            timeout=300)
-        assert p.returncode == 1 and p.stderr.startswith(f"python -m minprefix.peft: error: ") and message in p.stderr, \
+        assert p.returncode == 1 and p.stderr.startswith("python -m minprefix.peft: error: ") and message in p.stderr, \
             p.stderr
         assert "Traceback" not in p.stderr
