@@ -87,9 +87,10 @@ def parser():
     p.add_argument("--out", help="checkpoint to write (default: weights/prefix.safetensors, weights/lora.safetensors "
                    "or weights/finetuned/; E2E weights/e2e-prefix.safetensors, ...); the loss plot and, while the "
                    "run lasts, the state --resume needs go beside it")
-    p.add_argument("--keep", default="best", choices=["best", "last"],
-                   help="which epoch the checkpoint holds: best (two or more labels: the one that steers best on "
-                        "held-out texts; one label: the lowest held-out loss) or the last (default: %(default)s)")
+    p.add_argument("--keep", default="best", choices=["best", "loss", "last"],
+                   help="which held-out pass the checkpoint holds: best (two or more labels: the one whose labels "
+                        "steer best, the highest steering margin; one label: the lowest held-out loss), loss (the "
+                        "lowest held-out loss whatever the labels) or the last (default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue the run at --out after its last finished epoch "
                    "(a larger --epochs extends it); refused if the data, the base model or a hyperparameter differs")
     p.add_argument("--keep-resume-state", action="store_true", help="keep the resume state after the last epoch, so "
@@ -161,6 +162,9 @@ def main(argv=None):
     tok = Tokenizer()
     model = GPT2.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device)
     device = model.device
+    note = fast.half_precision_note(args.dtype, device)
+    if note:
+        print(note, file=sys.stderr)
     P = args.prefix_len if args.mode in ("kv", "embedding") else 0
     room = model.config.n_positions - P
     try:

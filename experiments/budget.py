@@ -20,7 +20,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import DATA, REPO, plot_lines, run, slice_of  # noqa: E402
+from common import DATA, REPO, REPORT_HELP, plot_lines, run, slice_of  # noqa: E402
 
 COMMON = ["--epochs", "1", "--batch-size", "10", "--warmup", "0", "--weight-decay", "0", "--eval-every", "100",
           "--keep", "best"]
@@ -37,36 +37,41 @@ def data():
     return slice_of(os.path.join(DATA, "slice-5000"), 5000, 500)
 
 
-def lr_study(out):
+def lr_study(out, report=False):
     train_file, dev_file = data()
     results = {}
     for method, lrs in LRS.items():
         results[method] = {}
         for lr in lrs:
-            print(f"== learning rate: {method} at {lr}", flush=True)
+            if not report:
+                print(f"== learning rate: {method} at {lr}", flush=True)
             folder = os.path.join(out, "lr", f"{method}-{lr}")
-            results[method][lr] = run(folder, ["--data", train_file, "--val-data", dev_file, *COMMON, *METHOD[method],
-                                               "--lr", lr])
+            r = run(folder, ["--data", train_file, "--val-data", dev_file, *COMMON, *METHOD[method], "--lr", lr],
+                    report=report)
+            if r is not None:
+                results[method][lr] = r
     return results
 
 
-def best_prefix_lr(out):
-    lr = lr_study(out)["prefix-tuning"]
+def best_prefix_lr(out, report=False):
+    lr = lr_study(out, report)["prefix-tuning"]
     return max(lr, key=lambda k: lr[k]["scores"]["bleu"])
 
 
-def length_study(out):
+def length_study(out, report=False):
     train_file, dev_file = data()
-    lr = best_prefix_lr(out)
+    lr = best_prefix_lr(out, report)
     results = {}
     for variant, flags in VARIANTS.items():
         results[variant] = {}
         for P in LENGTHS:
-            print(f"== prefix length: {variant}, P={P}", flush=True)
+            if not report:
+                print(f"== prefix length: {variant}, P={P}", flush=True)
             rate = lr if "MLP" in variant else "5e-3"
-            results[variant][P] = [run(os.path.join(out, "length", f"{variant.split()[0]}-{'mlp' if 'MLP' in variant else 'plain'}-{P}"),
-                                       ["--data", train_file, "--val-data", dev_file, *COMMON, *flags,
-                                        "--prefix-len", str(P), "--lr", rate])]
+            kind = f"{variant.split()[0]}-{'mlp' if 'MLP' in variant else 'plain'}-{P}"
+            r = run(os.path.join(out, "length", kind), ["--data", train_file, "--val-data", dev_file, *COMMON, *flags,
+                                                        "--prefix-len", str(P), "--lr", rate], report=report)
+            results[variant][P] = [r] if r is not None else []
     return results, lr
 
 
@@ -74,10 +79,11 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--study", required=True, choices=["lr", "length"])
     p.add_argument("--out", default=os.path.join(REPO, "runs", "budget"), help="(default: runs/budget)")
+    p.add_argument("--report", action="store_true", help=REPORT_HELP)
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     if args.study == "lr":
-        results = lr_study(args.out)
+        results = lr_study(args.out, args.report)
         lines = ["| method | learning rate | kept step | held-out loss | BLEU | NIST | ROUGE-L | CIDEr | trained "
                  "parameters | train min |", "|---|---|---|---|---|---|---|---|---|---|"]
         for method, by_lr in results.items():
@@ -89,14 +95,15 @@ def main():
         plot_curves(results, os.path.join(args.out, "lr.png"))
         name = "lr"
     else:
-        results, lr = length_study(args.out)
+        results, lr = length_study(args.out, args.report)
         plot_lines(os.path.join(args.out, "length.png"), f"prefix length, 5,000 pairs x 1 epoch (MLP at lr {lr})",
                    "prefix length P", results)
         lines = ["| prefix | " + " | ".join(f"P={P} BLEU / ROUGE-L" for P in LENGTHS) + " |",
                  "|---|" + "---|" * len(LENGTHS)]
         for variant, by_p in results.items():
             lines.append(f"| {variant} | " + " | ".join(f"{by_p[P][0]['scores']['bleu']:.1f} / "
-                                                         f"{by_p[P][0]['scores']['rouge_l']:.1f}" for P in LENGTHS) + " |")
+                                                         f"{by_p[P][0]['scores']['rouge_l']:.1f}" if by_p[P] else "-"
+                                                         for P in LENGTHS) + " |")
         name = "length"
     table = "\n".join(lines)
     print(table)

@@ -21,8 +21,8 @@ from minprefix.data import read_table_text, tables  # noqa: E402
 
 E2E = os.path.join(REPO, "..", "shared", "data", "e2e")
 TABLES = 200  # the test tables every study run is scored on
-TASK_WORDS = "table-to-text:"
-DATA = os.path.join(REPO, "runs", "e2e-data")  # the data files the studies write (never committed)  # the paper's low-data words: the prefix starts from them, fine-tuning reads them
+TASK_WORDS = "table-to-text:"  # the paper's low-data words: the prefix starts from them, fine-tuning reads them
+DATA = os.path.join(REPO, "runs", "e2e-data")  # the data files the studies write (never committed)
 
 
 def pairs(split):
@@ -69,13 +69,19 @@ def test_file(folder, words=None):
     return path
 
 
-def run(folder, train_args, words=None, dtype="float32"):
+REPORT_HELP = "train nothing: write the table and figure from the runs finished so far (each cell says how many)"
+
+
+def run(folder, train_args, words=None, dtype="float32", report=False):
     """One study run: train.py with train_args (--out is folder's checkpoint), then eval.py --task e2e on the test
-    subset. Skipped when folder/result.json exists. -> the result: scores, and what train.py kept."""
+    subset. Skipped when folder/result.json exists. -> the result: scores, and what train.py kept (None when report
+    is set and the run has not finished)."""
     result_file = os.path.join(folder, "result.json")
     if os.path.exists(result_file):
         with open(result_file) as f:
             return json.load(f)
+    if report:
+        return None
     os.makedirs(folder, exist_ok=True)
     finetune = "finetune" in train_args
     ckpt = os.path.join(folder, "model" if finetune else "checkpoint.safetensors")
@@ -112,9 +118,13 @@ def spread(values):
     return statistics.mean(values), sd, min(values), max(values)
 
 
-def fmt(values, digits=1):
+def fmt(values, digits=1, expected=None):
+    """mean ± sd [min-max]; '-' for no runs, and the count where fewer than expected have finished."""
+    if not values:
+        return "-"
     mean, sd, lo, hi = spread(values)
-    return f"{mean:.{digits}f} ± {sd:.{digits}f} [{lo:.{digits}f}-{hi:.{digits}f}]"
+    short = f" (n={len(values)})" if expected and len(values) < expected else ""
+    return f"{mean:.{digits}f} ± {sd:.{digits}f} [{lo:.{digits}f}-{hi:.{digits}f}]{short}"
 
 
 def plot_lines(path, title, xlabel, series, metrics=("bleu", "rouge_l"), log_x=False):
@@ -126,7 +136,9 @@ def plot_lines(path, title, xlabel, series, metrics=("bleu", "rouge_l"), log_x=F
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         for name, points in series.items():
-            xs = sorted(points)
+            xs = sorted(x for x in points if points[x])  # sizes with a finished run
+            if not xs:
+                continue
             values = [[r["scores"][metric] or 0.0 for r in points[x]] for x in xs]
             means = [statistics.mean(v) for v in values]
             ax.plot(xs, means, "o-", label=name)

@@ -6,7 +6,9 @@ snippets built from the human ratings in ../shared/data/vader-snippets, rating >
 8 to 40 words, built at run time and never committed) and each recipe (the default; --recipe reference, the brief's
 batch 2, lr 5e-5), it runs train.py with the README's main command, then eval.py: the held-out continuations and
 the alpha sweep (24 samples x 10 neutral prompts per alpha) with 95% intervals, the dial's slope and whether it
-is monotone. It writes runs/dial/results.json, runs/dial/dial.png and prints the table the README shows.
+is monotone. The same runs kept by the lowest held-out loss (--keep loss) instead of the steering margin are
+evaluated beside them: which rule keeps the epoch that steers. It writes runs/dial/results.json,
+runs/dial/dial.png and prints the table the README shows.
 
   export MINPREFIX_MODEL=../shared/models/imdb-gpt2-19m TIKTOKEN_CACHE_DIR=../shared/tiktoken
   python experiments/dial.py                   # resumes: finished runs and evaluations are skipped
@@ -24,13 +26,14 @@ sys.path.insert(0, REPO)
 import eval as evaluate_script  # noqa: E402  (the scripts' own code, not copies of it)
 import train as train_script  # noqa: E402
 from minprefix.method import read_meta  # noqa: E402
+from minprefix.trainer import history_path  # noqa: E402
 
 SNIPPETS = os.path.join(REPO, "..", "shared", "data", "vader-snippets", "movieReviewSnippets_GroundTruth.txt")
 MOVIE_PROMPTS = ["The film", "The movie", "The plot", "The acting", "The director", "The story", "The cast",
                  "The ending", "The script", "The music"]
 METHODS = {"kv-mlp": ["--prefix-len", "10", "--mlp"], "kv": ["--prefix-len", "10"],
            "embedding": ["--mode", "embedding", "--prefix-len", "10"], "lora": ["--mode", "lora"]}
-RECIPES = {"steer": [], "reference": ["--recipe", "reference"]}
+RECIPES = {"steer": [], "reference": ["--recipe", "reference"], "keep-loss": ["--keep", "loss"]}
 
 
 def build_snippets(folder, seed=0):
@@ -61,12 +64,19 @@ def build_snippets(folder, seed=0):
     return paths
 
 
-def finished(ckpt):
-    try:
-        info = read_meta(ckpt)["info"]
-    except (OSError, ValueError):
-        return False
-    return not info.get("interrupted") and info.get("epochs_done", 0) >= info.get("epochs", 1e9)
+def ckpt(data, method, recipe, out=os.path.join(REPO, "runs", "dial")):
+    return os.path.join(out, data, f"{method}-{recipe}.safetensors")
+
+
+def finished(path):
+    """A run that did all its epochs: its history (train.py writes it beside the checkpoint) says so, or, for a run
+    older than that, its resume state is gone and a checkpoint is there."""
+    history = history_path(path)
+    if os.path.exists(history):
+        with open(history) as f:
+            h = json.load(f)
+        return h.get("finished") or len(h["step_loss"]) >= h["steps_per_epoch"] * read_meta(path)["info"]["epochs"]
+    return os.path.exists(path) and not os.path.exists(path.removesuffix(".safetensors") + ".resume.pt")
 
 
 def main():
@@ -77,6 +87,9 @@ def main():
                    "recipe (default: all)")
     p.add_argument("--reference", nargs="*", default=["kv-mlp"], choices=list(METHODS), help="these also with "
                    "--recipe reference (default: kv-mlp)")
+    p.add_argument("--keep-loss", nargs="*", default=["kv-mlp", "lora"], choices=list(METHODS),
+                   help="these also kept by the lowest held-out loss (--keep loss) instead of the steering margin, "
+                        "evaluated beside the others (default: kv-mlp lora)")
     p.add_argument("--sweep-samples", type=int, default=24, help="per neutral prompt and alpha (default: %(default)s)")
     args = p.parse_args()
     train_file, test_file, sweep_file = build_snippets(os.path.join(args.out, "movie-snippets-data"))
@@ -88,15 +101,15 @@ def main():
         ckpts = []
         for method, recipe in [(m, "steer") for m in args.methods] + [(m, "reference") for m in args.reference]:
             name = f"{data}/{method}-{recipe}"
-            ckpt = os.path.join(args.out, data, f"{method}-{recipe}.safetensors")
-            if not finished(ckpt):
-                resume = ["--resume"] if os.path.exists(ckpt.removesuffix(".safetensors") + ".resume.pt") else []
+            path = ckpt(data, method, recipe, args.out)
+            if not finished(path):
+                resume = ["--resume"] if os.path.exists(path.removesuffix(".safetensors") + ".resume.pt") else []
                 print(f"== train {name}", flush=True)
                 code = train_script.main(["--data", train_data, "--val-data", test_data, *METHODS[method],
-                                          *RECIPES[recipe], "--out", ckpt, *resume])
+                                          *RECIPES[recipe], "--out", path, *resume])
                 if code:
                     sys.exit(f"train.py stopped ({code}) on {name}: rerun to resume")
-            ckpts.append(ckpt)
+            ckpts.append(path)
         folder = os.path.join(args.out, data, "eval")
         if not os.path.exists(os.path.join(folder, "eval.json")) or \
                 json.load(open(os.path.join(folder, "eval.json")))["settings"]["prefixes"] != ckpts:
@@ -104,9 +117,28 @@ def main():
             evaluate_script.main(["--prefix", *ckpts, "--data", test_data, "--sweep-samples", str(args.sweep_samples),
                                   "--out", folder, *(["--sweep-prompts", sweep] if sweep else [])])
         results[data] = json.load(open(os.path.join(folder, "eval.json")))
-        for ckpt, row in zip(ckpts, results[data]["rows"][1:]):
-            info = read_meta(ckpt)["info"]
-            row.update(checkpoint=os.path.relpath(ckpt, REPO), kept_epoch=info["epoch"], epochs=info["epochs"],
+        selection = [ckpt(data, m, "keep-loss", args.out) for m in args.keep_loss]  # the same runs, another kept
+        for method, path in zip(args.keep_loss, selection):
+            if not finished(path):
+                print(f"== train {data}/{method}-keep-loss", flush=True)
+                code = train_script.main(["--data", train_data, "--val-data", test_data, *METHODS[method],
+                                          *RECIPES["keep-loss"], "--out", path])
+                if code:
+                    sys.exit(f"train.py stopped ({code}) on {path}: rerun to resume")
+        if selection:
+            other = os.path.join(args.out, data, "eval-keep-loss")
+            if not os.path.exists(os.path.join(other, "eval.json")) or \
+                    json.load(open(os.path.join(other, "eval.json")))["settings"]["prefixes"] != selection:
+                print(f"== eval {data}, kept by the loss", flush=True)
+                evaluate_script.main(["--prefix", *selection, "--data", test_data, "--no-base", "--sweep-samples",
+                                      str(args.sweep_samples), "--out", other,
+                                      *(["--sweep-prompts", sweep] if sweep else [])])
+            rows = json.load(open(os.path.join(other, "eval.json")))["rows"]
+            results[data]["rows"][-1:-1] = rows[:-1]  # before the held-out texts' own row
+            ckpts += selection
+        for path, row in zip(ckpts, results[data]["rows"][1:]):
+            info = read_meta(path)["info"]
+            row.update(checkpoint=os.path.relpath(path, REPO), kept_epoch=info["epoch"], epochs=info["epochs"],
                        selected_by=info.get("selected_by"), val_loss=info.get("val_loss"),
                        steer_margin=info.get("steer_margin"), steer_acc=info.get("steer_acc"), lr=info.get("lr"))
     with open(os.path.join(args.out, "results.json"), "w") as f:

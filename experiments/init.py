@@ -16,7 +16,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import REPO, TASK_WORDS, fmt, spread  # noqa: E402
+from common import REPO, REPORT_HELP, TASK_WORDS, fmt, spread  # noqa: E402
 from low_data import one  # noqa: E402
 
 INITS = {"random": "random", "unrelated words": "elephant, orange, banana", "task words": TASK_WORDS}
@@ -28,24 +28,30 @@ def main():
     p.add_argument("--low-data", default=os.path.join(REPO, "runs", "low-data"),
                    help="where low_data.py's runs are, for the task-words prefix (default: runs/low-data)")
     p.add_argument("--subsamples", type=int, default=3, help="(default: %(default)s)")
+    p.add_argument("--report", action="store_true", help=REPORT_HELP)
     args = p.parse_args()
     results = {}
     for name, words in INITS.items():
         results[name] = []
         for sub in range(args.subsamples):
-            print(f"== initialization: {name}, subsample {sub}", flush=True)
+            if not args.report:
+                print(f"== initialization: {name}, subsample {sub}", flush=True)
             if words == TASK_WORDS:  # the same run as low_data.py's
-                results[name].append(one(args.low_data, "prefix", 100, sub))
+                r = one(args.low_data, "prefix", 100, sub, report=args.report)
             else:
-                results[name].append(one(args.out, "prefix", 100, sub, init=words, name=name.replace(" ", "-")))
+                r = one(args.out, "prefix", 100, sub, init=words, name=name.replace(" ", "-"), report=args.report)
+            if r is not None:
+                results[name].append(r)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     plot(results, os.path.join(args.out, "init.png"))
     lines = ["| initialization (100 examples) | BLEU | ROUGE-L | held-out loss at the kept step |", "|---|---|---|---|"]
     for name, rs in results.items():
-        lines.append(f"| {name} ({INITS[name]!r}) | {fmt([r['scores']['bleu'] for r in rs])} | "
-                     f"{fmt([r['scores']['rouge_l'] for r in rs])} | {fmt([r['val_loss'] for r in rs], 3)} |")
+        n = args.subsamples
+        lines.append(f"| {name} ({INITS[name]!r}) | {fmt([r['scores']['bleu'] for r in rs], expected=n)} | "
+                     f"{fmt([r['scores']['rouge_l'] for r in rs], expected=n)} | "
+                     f"{fmt([r['val_loss'] for r in rs], 3, expected=n)} |")
     table = "\n".join(lines)
     print(table)
     with open(os.path.join(args.out, "init.md"), "w") as f:
@@ -63,6 +69,8 @@ def plot(results, path):
         names = list(results)
         for i, name in enumerate(names):
             values = [r["scores"][metric] for r in results[name]]
+            if not values:
+                continue
             mean, sd, _, _ = spread(values)
             ax.bar(i, mean, yerr=sd, capsize=4, color=["tab:gray", "tab:orange", "tab:blue"][i % 3], alpha=0.8)
             ax.plot([i] * len(values), values, "k.", ms=6)

@@ -27,7 +27,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import DATA, REPO, TASK_WORDS, fmt, plot_lines, run, subsample  # noqa: E402
+from common import DATA, REPO, REPORT_HELP, TASK_WORDS, fmt, plot_lines, run, subsample  # noqa: E402
 
 SIZES = (50, 100, 200, 500)
 STEPS = {"prefix": {50: 200, 100: 200, 200: 200, 500: 400}, "fine-tuning": {50: 100, 100: 100, 200: 200, 500: 400},
@@ -43,13 +43,14 @@ def method_args(method, init=TASK_WORDS):
     return ["--mode", "lora", "--lora-rank", "4", "--lora-alpha", "32", "--lora-targets", "q,v", "--lr", "2e-4"]
 
 
-def one(out, method, size, sub, init=TASK_WORDS, name=None):
-    """One run of the protocol -> its result (runs/<study>/<size>-<sub>-<name>/result.json)."""
+def one(out, method, size, sub, init=TASK_WORDS, name=None, report=False):
+    """One run of the protocol -> its result (runs/<study>/<size>-<sub>-<name>/result.json); None if report and
+    not finished."""
     words = None if method == "prefix" else TASK_WORDS
     train_file, dev_file = subsample(os.path.join(DATA, f"low-{size}-{sub}"), size, seed=1000 * size + sub, words=words)
     args = ["--data", train_file, "--val-data", dev_file, *COMMON, "--max-steps", str(STEPS[method][size]),
             "--seed", str(sub), *method_args(method, init)]
-    return run(os.path.join(out, f"{size}-{sub}-{name or method}"), args, words=words)
+    return run(os.path.join(out, f"{size}-{sub}-{name or method}"), args, words=words, report=report)
 
 
 def main():
@@ -58,12 +59,17 @@ def main():
     p.add_argument("--subsamples", type=int, default=3, help="per size (default: %(default)s)")
     p.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), help="(default: 50 100 200 500)")
     p.add_argument("--methods", nargs="+", default=list(STEPS), choices=list(STEPS), help="(default: all three)")
+    p.add_argument("--report", action="store_true", help=REPORT_HELP)
     args = p.parse_args()
+    os.makedirs(args.out, exist_ok=True)
     results = {m: {size: [] for size in args.sizes} for m in args.methods}
     todo = [(size, sub, m) for size in args.sizes for sub in range(args.subsamples) for m in args.methods]
     for i, (size, sub, method) in enumerate(todo, start=1):
-        print(f"== low data: run {i} of {len(todo)}: {method}, {size} examples, subsample {sub}", flush=True)
-        results[method][size].append(one(args.out, method, size, sub))
+        if not args.report:
+            print(f"== low data: run {i} of {len(todo)}: {method}, {size} examples, subsample {sub}", flush=True)
+        r = one(args.out, method, size, sub, report=args.report)
+        if r is not None:
+            results[method][size].append(r)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     plot_lines(os.path.join(args.out, "low_data.png"), "E2E with few examples", "training examples", results,
@@ -73,16 +79,18 @@ def main():
     for size in args.sizes:
         cells = []
         for m in args.methods:
-            cells += [fmt([r["scores"]["bleu"] for r in results[m][size]]),
-                      fmt([r["scores"]["rouge_l"] for r in results[m][size]])]
+            cells += [fmt([r["scores"]["bleu"] for r in results[m][size]], expected=args.subsamples),
+                      fmt([r["scores"]["rouge_l"] for r in results[m][size]], expected=args.subsamples)]
         lines.append(f"| {size} | " + " | ".join(cells) + " |")
+    both = [s for s in args.sizes if {"prefix", "fine-tuning"} <= set(args.methods)
+            and results["prefix"][s] and results["fine-tuning"][s]]
     gaps = [sum(r["scores"]["bleu"] for r in results["prefix"][s]) / len(results["prefix"][s])
             - sum(r["scores"]["bleu"] for r in results["fine-tuning"][s]) / len(results["fine-tuning"][s])
-            for s in args.sizes] if {"prefix", "fine-tuning"} <= set(args.methods) else []
+            for s in both]
     table = "\n".join(lines)
     if gaps:
         table += ("\n\nprefix-tuning minus fine-tuning, mean BLEU per size: "
-                  + ", ".join(f"{s}: {g:+.1f}" for s, g in zip(args.sizes, gaps))
+                  + ", ".join(f"{s}: {g:+.1f}" for s, g in zip(both, gaps))
                   + f"; on average {sum(gaps) / len(gaps):+.1f} (the paper, GPT-2 medium: +2.9, narrowing with more data)")
     print(table)
     with open(os.path.join(args.out, "low_data.md"), "w") as f:

@@ -112,6 +112,28 @@ class Int8Linear(nn.Module):
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.bfloat16}
 
 
+def cpu_has_bfloat16():
+    """True where the CPU has bfloat16 dot-product units (x86: avx512_bf16 or amx_bf16; Arm: bf16), False where
+    it has none, None where this cannot be read (no /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
+    except OSError:
+        return None
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def half_precision_note(dtype, device):
+    """A warning to print where bfloat16 (or int8, whose products run in bfloat16) will not pay, else None. Without
+    the units oneDNN converts each product to float32 and back: the numbers are the same, the speed often below
+    float32's."""
+    if dtype not in ("bfloat16", "int8") or torch.device(device).type != "cpu" or cpu_has_bfloat16() is not False:
+        return None
+    return (f"warning: this CPU has no bfloat16 dot-product units (no avx512_bf16, amx_bf16 or bf16 in "
+            f"/proc/cpuinfo): --dtype {dtype} runs, with the same results, but its products are converted to float32 "
+            f"and back and may be slower than --dtype float32")
+
+
 def decoding_model(name_or_path, dtype="float32", device="auto"):
     """GPT2.from_pretrained for sampling and evaluation (sample.py, eval.py): the fast pieces swapped in unless
     MINPREFIX_REFERENCE=1. dtype: float32, bfloat16, float16, or int8 (a bfloat16 model whose linear layers are
@@ -123,6 +145,9 @@ def decoding_model(name_or_path, dtype="float32", device="auto"):
         raise ValueError("--dtype int8 is a piece of the fast path (minprefix/fast.py): drop --reference, or unset "
                          "MINPREFIX_REFERENCE")
     model = GPT2.from_pretrained(name_or_path, dtype=DTYPES[dtype], device=device)
+    note = half_precision_note(dtype, model.device)
+    if note:
+        print(note, file=sys.stderr)
     if enabled():
         accelerate(model)
     return quantize_int8(model) if dtype == "int8" else model

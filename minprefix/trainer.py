@@ -78,10 +78,11 @@ def evaluate(model, method, items, batch_size, device, nll=token_nll):
 
 
 def selection(method, keep):
-    """-> (the held-out figure that picks the kept epoch, True if higher is better)."""
+    """-> (the held-out figure that picks the kept epoch, True if higher is better). keep: "best" (the steering
+    margin with two or more labels, else the loss), "loss" (the lowest held-out loss whatever the labels), "last"."""
     if keep == "last":
         return None, None
-    if getattr(method, "steers", False) and method.n_labels > 1:
+    if keep == "best" and getattr(method, "steers", False) and method.n_labels > 1:
         return "steer_margin", True
     return "loss", False
 
@@ -139,8 +140,8 @@ def train(model, method, train_items, val_items, labels, out, epochs=5, batch_si
     them (its early stopping).
     -> history: {"step_loss", "val" (the held-out passes), "val_loss", "steps_per_epoch", "kept_epoch",
     "kept_step", "selected_by", "interrupted", "resumed_at", "finished"}"""
-    if keep not in ("best", "last"):
-        raise ValueError(f"keep must be 'best' or 'last', got {keep!r}")
+    if keep not in ("best", "loss", "last"):
+        raise ValueError(f"keep must be 'best', 'loss' or 'last', got {keep!r}")
     device = torch.device(device)
     steps_per_epoch = math.ceil(len(train_items) / batch_size)
     if max_steps is not None:
@@ -255,6 +256,9 @@ def train(model, method, train_items, val_items, labels, out, epochs=5, batch_si
             if step >= total:
                 break
         history["finished"] = True
+        with atomic_path(history_path(out)) as tmp:
+            with open(tmp, "w") as f:
+                json.dump(history, f)
         if not keep_state:
             os.remove(state_path(out))
     except KeyboardInterrupt:

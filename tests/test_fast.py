@@ -306,3 +306,16 @@ def test_the_package_generate_takes_the_fast_path_unless_told(offline_model_dir,
     monkeypatch.setenv("MINPREFIX_REFERENCE", "0")
     assert minprefix.generate(model, idx, 10, temperature=0) == want
     assert type(model.h[0].attn.c_attn) is fast.DecodeLinear  # the fast pieces, swapped in
+
+
+def test_half_precision_warns_only_where_the_cpu_has_no_bfloat16_units(monkeypatch):
+    monkeypatch.setattr(fast, "cpu_has_bfloat16", lambda: False)
+    for dtype in ("bfloat16", "int8"):
+        note = fast.half_precision_note(dtype, "cpu")
+        assert note and "no bfloat16 dot-product units" in note and f"--dtype {dtype}" in note
+    assert fast.half_precision_note("float32", "cpu") is None
+    assert fast.half_precision_note("bfloat16", "cuda") is None  # GPUs are not read from /proc/cpuinfo
+    monkeypatch.setattr(fast, "cpu_has_bfloat16", lambda: True)
+    assert fast.half_precision_note("bfloat16", "cpu") is None
+    monkeypatch.setattr(fast, "cpu_has_bfloat16", lambda: None)  # unknown: no warning rather than a wrong one
+    assert fast.half_precision_note("bfloat16", "cpu") is None
