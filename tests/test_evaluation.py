@@ -9,7 +9,7 @@ from minprefix import Tokenizer
 from minprefix.data import Example
 from minprefix.evaluation import continue_prompts, distinct, evaluate_prefix, perplexity, split_prompt, wilson
 from minprefix.generate import generate
-from minprefix.prefix import KVPrefix, label_weights
+from minprefix.prefix import KVPrefix
 
 
 def test_continuations_come_back_in_prompt_order_as_if_decoded_alone(offline_model):

@@ -160,7 +160,7 @@ def test_config_refuses_variants_it_does_not_implement():
 
 
 def test_folder_is_recorded_as_an_absolute_path(tmp_path, monkeypatch):
-    folder = tiny_folder(tmp_path / "model")
+    tiny_folder(tmp_path / "model")
     monkeypatch.chdir(tmp_path)
     model = GPT2.from_pretrained("model")
     assert model.name_or_path == str(tmp_path / "model")
