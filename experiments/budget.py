@@ -38,7 +38,7 @@ def data():
 
 
 def lr_study(out, report=False):
-    train_file, dev_file = data()
+    train_file, dev_file = data() if not report else (None, None)
     results = {}
     for method, lrs in LRS.items():
         results[method] = {}
@@ -46,8 +46,8 @@ def lr_study(out, report=False):
             if not report:
                 print(f"== learning rate: {method} at {lr}", flush=True)
             folder = os.path.join(out, "lr", f"{method}-{lr}")
-            r = run(folder, ["--data", train_file, "--val-data", dev_file, *COMMON, *METHOD[method], "--lr", lr],
-                    report=report)
+            r = run(folder, [] if report else ["--data", train_file, "--val-data", dev_file, *COMMON,
+                                               *METHOD[method], "--lr", lr], report=report)
             if r is not None:
                 results[method][lr] = r
     return results
@@ -55,11 +55,11 @@ def lr_study(out, report=False):
 
 def best_prefix_lr(out, report=False):
     lr = lr_study(out, report)["prefix-tuning"]
-    return max(lr, key=lambda k: lr[k]["scores"]["bleu"])
+    return max(lr, key=lambda k: lr[k]["scores"]["bleu"], default=None)  # None: no finished run to report
 
 
 def length_study(out, report=False):
-    train_file, dev_file = data()
+    train_file, dev_file = data() if not report else (None, None)
     lr = best_prefix_lr(out, report)
     results = {}
     for variant, flags in VARIANTS.items():
@@ -69,8 +69,9 @@ def length_study(out, report=False):
                 print(f"== prefix length: {variant}, P={P}", flush=True)
             rate = lr if "MLP" in variant else "5e-3"
             kind = f"{variant.split()[0]}-{'mlp' if 'MLP' in variant else 'plain'}-{P}"
-            r = run(os.path.join(out, "length", kind), ["--data", train_file, "--val-data", dev_file, *COMMON, *flags,
-                                                        "--prefix-len", str(P), "--lr", rate], report=report)
+            r = run(os.path.join(out, "length", kind), [] if report else [
+                "--data", train_file, "--val-data", dev_file, *COMMON, *flags, "--prefix-len", str(P), "--lr", rate],
+                report=report)
             results[variant][P] = [r] if r is not None else []
     return results, lr
 
@@ -130,7 +131,8 @@ def plot_curves(results, path):
         ax.set_xlabel("step")
         ax.set_ylabel("held-out loss (500 validation pairs)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.suptitle("learning rates at 5,000 pairs x 1 epoch (imdb-gpt2-19m, NOT GPT-2)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

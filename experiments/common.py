@@ -150,7 +150,8 @@ def plot_lines(path, title, xlabel, series, metrics=("bleu", "rouge_l"), log_x=F
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"{names[metric]} ({TABLES} E2E test tables)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.suptitle(title + "  (imdb-gpt2-19m, NOT GPT-2; mean, band: min-max)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -141,7 +141,12 @@ def main():
             row.update(checkpoint=os.path.relpath(path, REPO), kept_epoch=info["epoch"], epochs=info["epochs"],
                        selected_by=info.get("selected_by"), val_loss=info.get("val_loss"),
                        steer_margin=info.get("steer_margin"), steer_acc=info.get("steer_acc"), lr=info.get("lr"))
-    with open(os.path.join(args.out, "results.json"), "w") as f:
+    path = os.path.join(args.out, "results.json")
+    if os.path.exists(path):  # the data sets evaluated before and not now stay in the table
+        with open(path) as f:
+            results = {**{k: v for k, v in json.load(f).items() if k not in results}, **results}
+        results = {k: results[k] for k in sorted(results, key=lambda k: k != "summer-school")}
+    with open(path, "w") as f:
         json.dump(results, f, indent=2)
     table = summary(results)
     print(table)

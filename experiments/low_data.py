@@ -46,11 +46,14 @@ def method_args(method, init=TASK_WORDS):
 def one(out, method, size, sub, init=TASK_WORDS, name=None, report=False):
     """One run of the protocol -> its result (runs/<study>/<size>-<sub>-<name>/result.json); None if report and
     not finished."""
+    folder = os.path.join(out, f"{size}-{sub}-{name or method}")
+    if report:  # a finished run's result, or None: no data drawn, nothing trained
+        return run(folder, [], report=True)
     words = None if method == "prefix" else TASK_WORDS
     train_file, dev_file = subsample(os.path.join(DATA, f"low-{size}-{sub}"), size, seed=1000 * size + sub, words=words)
     args = ["--data", train_file, "--val-data", dev_file, *COMMON, "--max-steps", str(STEPS[method][size]),
             "--seed", str(sub), *method_args(method, init)]
-    return run(os.path.join(out, f"{size}-{sub}-{name or method}"), args, words=words, report=report)
+    return run(folder, args, words=words)
 
 
 def main():
