@@ -136,16 +136,17 @@ def fake_pass(values):
 
 
 def test_keep_best_keeps_the_epoch_the_selection_rule_names(offline_model, items, tmp_path, monkeypatch):
-    """Two labels: the epoch with the highest steering margin, whatever the loss says; --keep last: the last."""
+    """Two labels: --keep best keeps the epoch with the highest steering margin, whatever the loss says; --keep
+    loss the lowest held-out loss; --keep last the last."""
     passes = [{"loss": 3.0, "steer_acc": 0.5, "steer_margin": 0.01}, {"loss": 2.0, "steer_acc": 0.6, "steer_margin": 0.02},
-              {"loss": 2.5, "steer_acc": 0.7, "steer_margin": 0.05}, {"loss": 1.9, "steer_acc": 0.6, "steer_margin": 0.03}]
-    for keep, epoch in (("best", 3), ("last", 4)):
+              {"loss": 2.5, "steer_acc": 0.7, "steer_margin": 0.05}, {"loss": 2.2, "steer_acc": 0.6, "steer_margin": 0.03}]
+    for keep, epoch in (("best", 3), ("loss", 2), ("last", 4)):
         fake, states = fake_pass(passes)
         monkeypatch.setattr(trainer, "evaluate", fake)
         out = tmp_path / f"{keep}.safetensors"
         history = run(offline_model, fresh_prefix(offline_model), items, out, keep=keep, epochs=4)
         assert history["kept_epoch"] == epoch
-        assert history["selected_by"] == ("steer_margin" if keep == "best" else "last")
+        assert history["selected_by"] == {"best": "steer_margin", "loss": "loss", "last": "last"}[keep]
         prefix, meta = load_prefix(out)
         info = meta["info"]
         assert info["epoch"] == epoch and info["steer_margin"] == passes[epoch - 1]["steer_margin"]
@@ -177,6 +178,18 @@ def test_keep_best_with_one_label_keeps_the_lowest_held_out_loss(offline_model, 
     history = train(offline_model, prefix, one, one[:2], ["task"], tmp_path / "t.safetensors", epochs=3, lr=1e-3,
                     keep="best")
     assert history["kept_epoch"] == 2 and history["selected_by"] == "loss"
+
+
+def test_steering_measure_ranks_a_prefix_trained_on_swapped_labels_below_the_right_one(offline_model, items,
+                                                                                      tmp_path):
+    swapped = [(ids, start, 1 - y) for ids, start, y in items]
+    got = {}
+    for name, data in (("right", items), ("swapped", swapped)):
+        prefix = fresh_prefix(offline_model, mlp=False)
+        run(offline_model, prefix, data, tmp_path / f"{name}.safetensors", epochs=4, lr=5e-3, run={"data": name})
+        got[name] = trainer.evaluate(offline_model, prefix, items, 4, "cpu", trainer.token_nll)  # the true labels
+    assert got["right"]["steer_margin"] > 0 > got["swapped"]["steer_margin"]
+    assert got["right"]["steer_acc"] > got["swapped"]["steer_acc"]
 
 
 def test_held_out_pass_scores_each_text_under_every_label(offline_model, items):
