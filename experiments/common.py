@@ -147,6 +147,7 @@ def plot_lines(path, title, xlabel, series, metrics=("bleu", "rouge_l"), log_x=F
             ax.set_xscale("log")
             ax.set_xticks(sorted({x for p in series.values() for x in p}))
             ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            ax.get_xaxis().set_minor_formatter(matplotlib.ticker.NullFormatter())  # the sizes alone, no 3 x 10^2
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"{names[metric]} ({TABLES} E2E test tables)")
         ax.grid(alpha=0.3)

@@ -3,15 +3,21 @@ what it gains and where (bench/bench_vs_peft.py: medians of 3 rounds on a 2-core
 and is held to the reference by tests/test_fast.py.
 
   piece                 replaces                                    gain measured
-  DecodeLinear and      nn.Linear while decoding on a CPU, and      sampling at batch 1: 20.4 -> 32.8 tok/s;
-  accelerate()          the weights' (out, in) storage              batch 8: 78.7 -> 104.1 (with stream below)
-  stream / generate     generate.stream: the prompt's logits at     (in the row above)
-                        its last position only; on a GPU each
-                        step replayed as one CUDA graph over a
-                        StaticKVCache
-  lm_loss (LMHeadLoss)  trainer.lm_loss: no (N, V) logits held      training, GPT-2-small shape: 171.5 -> 200.8
-  keep_freed_memory     glibc's malloc defaults                     tok/s, 89 MiB less peak; the 19M offline
-                                                                    model: 87 MiB less, no faster
+  DecodeLinear and      nn.Linear while decoding on a CPU, and      GPT-2-small-shaped sampling at batch 1:
+  accelerate()          the weights' (out, in) storage              20.7 -> 39.1 tok/s; batch 8: 91.0 -> 219.2
+  stream / generate     generate.stream and KVCache: a static       (in the row above)
+  StaticKVCache         cache written in place, the prompt's
+                        logits at its last position only; on a
+                        GPU each step replayed as a CUDA graph
+  beam_search,          beam.CacheSteps and beam.best_pairs         E2E beam search (10 tables x 5 beams):
+  StaticSteps,                                                      285.0 -> 484.2 tables/min
+  best_pairs
+  Int8Linear            nn.Linear while decoding (--dtype int8)     batch 1: 59.1 tok/s against float32's 39.1
+  FloatAttention,       CausalSelfAttention's attention in          a training step's attention 0.82 -> 0.33 ms,
+  attend                bfloat16 / float16 on a CPU                 a beam step's 0.93 -> 0.29 (one thread)
+  lm_loss (LMHeadLoss)  trainer.lm_loss, trainer.token_nll: no      offline model's training: float32 none
+  token_nll             (N, V) logits; bfloat16 products            (within noise); bfloat16 1.76x float32
+  keep_freed_memory     glibc's malloc defaults                     (in the row above)
 
 On by default; MINPREFIX_REFERENCE=1 in the environment (or --reference on train.py, sample.py, eval.py) runs
 the reference alone, end to end.
@@ -35,6 +41,9 @@ def enabled():
 
 # ---- the weights: DecodeLinear and their storage (replace gpt2.py's nn.Linear) ----
 
+PACKED = {torch.float32, torch.bfloat16}  # the dtypes oneDNN packs here; float16 needs avx512_fp16 or avx_ne_convert
+
+
 class DecodeLinear(nn.Linear):
     """nn.Linear as a CPU decodes fastest; with gradients wanted (or off a CPU) it is nn.Linear. Two ways, by rows:
 
@@ -44,10 +53,11 @@ class DecodeLinear(nn.Linear):
                        core (and a (V, C) lm_head at a third of a (C, V) one's speed). GPT-2 small's lm_head:
                        4.4 ms (35 GB/s) against 12.7 for F.linear, 2 threads.
     more rows, or      oneDNN's inner product on the weight packed once, on first use, into its blocked layout
-    half precision     (kept beside the weight: a second copy). Batched sampling and beams multiply a few rows by
+    bfloat16           (kept beside the weight: a second copy). Batched sampling and beams multiply a few rows by
                        each weight, where MKL's small-M products fall to a quarter of the CPU's speed: GPT-2
                        small's lm_head for 8 rows, 7.0 ms against 15-24; bfloat16 one row 3.0 ms, 8 rows 3.4
                        (F.linear: 4.7 and 5.9).
+    float16            F.linear (oneDNN packs float16 only where the CPU has avx512_fp16 or avx_ne_convert).
     Same products, summed in another order: equal to nn.Linear to float rounding (tests/test_fast.py)."""
 
     def forward(self, x):  # x (..., in) -> (..., out)
@@ -60,11 +70,15 @@ class DecodeLinear(nn.Linear):
             y = torch.bmm(xs, w.t().view(k, -1, w.size(0))).sum(0)  # (1, out)
             y = y if self.bias is None else y + self.bias
             return y.view(*x.shape[:-1], -1)
-        if not torch.backends.mkldnn.is_available():
+        if w.dtype not in PACKED or not torch.backends.mkldnn.is_available():
             return F.linear(x, w, self.bias)
         key = (w.data_ptr(), w._version, w.dtype)  # a new or changed weight (a LoRA merged into a copy) repacks
         if self.__dict__.get("packed_for") != key:
-            self.__dict__["packed"] = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), None)
+            try:
+                self.__dict__["packed"] = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), None)
+            except RuntimeError:  # a dtype this CPU's oneDNN cannot pack: PyTorch's own product from now on
+                PACKED.discard(w.dtype)
+                return F.linear(x, w, self.bias)
             self.__dict__["packed_for"] = key
         y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, -1), self.__dict__["packed"], self.bias, "none", [], "")
         return y.view(*x.shape[:-1], -1)

@@ -127,7 +127,7 @@ class LoRA(nn.Module):
         for i, layer in enumerate(self.h):
             for module, parts in self._by_module(layer).items():
                 base = model.get_submodule(f"h.{i}.{module}")
-                new[f"h.{i}.{module}"] = LoRALinear(base, parts, weights.to(base.weight.device), self.scale)
+                new[f"h.{i}.{module}"] = LoRALinear(base, parts, weights.to(parts[0][1].A.device), self.scale)
         return swap_modules(model, new)
 
     @torch.no_grad()
