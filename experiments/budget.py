@@ -37,17 +37,22 @@ def data():
     return slice_of(os.path.join(DATA, "slice-5000"), 5000, 500)
 
 
+def one(folder, flags, report=False):
+    """One run at this budget (flags: the method's and its rate); report: its result if finished, else None."""
+    if report:
+        return run(folder, [], report=True)
+    train_file, dev_file = data()
+    return run(folder, ["--data", train_file, "--val-data", dev_file, *COMMON, *flags])
+
+
 def lr_study(out, report=False):
-    train_file, dev_file = data() if not report else (None, None)
     results = {}
     for method, lrs in LRS.items():
         results[method] = {}
         for lr in lrs:
             if not report:
                 print(f"== learning rate: {method} at {lr}", flush=True)
-            folder = os.path.join(out, "lr", f"{method}-{lr}")
-            r = run(folder, [] if report else ["--data", train_file, "--val-data", dev_file, *COMMON,
-                                               *METHOD[method], "--lr", lr], report=report)
+            r = one(os.path.join(out, "lr", f"{method}-{lr}"), [*METHOD[method], "--lr", lr], report)
             if r is not None:
                 results[method][lr] = r
     return results
@@ -59,7 +64,6 @@ def best_prefix_lr(out, report=False):
 
 
 def length_study(out, report=False):
-    train_file, dev_file = data() if not report else (None, None)
     lr = best_prefix_lr(out, report)
     results = {}
     for variant, flags in VARIANTS.items():
@@ -69,9 +73,7 @@ def length_study(out, report=False):
                 print(f"== prefix length: {variant}, P={P}", flush=True)
             rate = lr if "MLP" in variant else "5e-3"
             kind = f"{variant.split()[0]}-{'mlp' if 'MLP' in variant else 'plain'}-{P}"
-            r = run(os.path.join(out, "length", kind), [] if report else [
-                "--data", train_file, "--val-data", dev_file, *COMMON, *flags, "--prefix-len", str(P), "--lr", rate],
-                report=report)
+            r = one(os.path.join(out, "length", kind), [*flags, "--prefix-len", str(P), "--lr", rate], report)
             results[variant][P] = [r] if r is not None else []
     return results, lr
 
