@@ -136,7 +136,7 @@ class LoRA(nn.Module):
         for i, layer in enumerate(self.h):
             for module, parts in self._by_module(layer).items():
                 base = model.get_submodule(f"h.{i}.{module}")
-                W = base.weight  # (out, in), in whatever layout the model keeps it (fast.accelerate: (in, out))
+                W = base.weight  # (out, in), in whatever layout the model keeps it
                 merged = W.to(torch.float32, copy=True)  # never W itself: the base model stays as it was
                 for rows, pair in parts:
                     merged[rows] += self.scale * pair.delta(weights.to(pair.A.device))

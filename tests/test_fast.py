@@ -40,11 +40,11 @@ def prompts():
 
 def test_the_fast_pieces_are_in_place(fast_model, offline_model):
     assert type(fast_model.h[0].attn.c_attn) is fast.DecodeLinear and type(offline_model.h[0].attn.c_attn) is torch.nn.Linear
-    assert fast_model.lm_head.weight is fast_model.wte.weight and fast_model.wte.weight.t().is_contiguous()
+    assert fast_model.lm_head.weight is fast_model.wte.weight and fast_model.wte.weight.is_contiguous()
     assert all(torch.equal(a, b) for a, b in zip(fast_model.state_dict().values(), offline_model.state_dict().values()))
 
 
-@pytest.mark.parametrize("rows", [1, 8, 40])  # 1 and 8: split over the cores; 40: nn.Linear on the new layout
+@pytest.mark.parametrize("rows", [1, 8, 40])  # 1: rows split over the cores; 8, 40: the packed weight
 def test_logits(fast_model, offline_model, rows):
     torch.manual_seed(rows)
     idx = torch.randint(0, 50257, (rows, 1)) if rows <= 8 else torch.randint(0, 50257, (2, rows // 2))
@@ -56,8 +56,9 @@ def test_logits(fast_model, offline_model, rows):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_decode_linear_equals_linear_on_gpt2_small_shapes(dtype):
-    """Both of DecodeLinear's ways (one row: split-K; more rows: oneDNN's packed weight) against nn.Linear, on
-    GPT-2 small's shapes; and a weight changed in place is repacked, not read stale."""
+    """Both of DecodeLinear's ways (one row: the weight's rows split over the cores, with lm_head's odd row count;
+    more rows: oneDNN's packed weight) against nn.Linear, on GPT-2 small's shapes; and a weight changed in place is
+    repacked, not read stale."""
     torch.manual_seed(0)
     tol = TOL if dtype == torch.float32 else 0.1  # half precision: the same products, rounded to 8 or 11 bits
     for out_f, in_f in ((2304, 768), (768, 3072), (50257, 768)):
@@ -65,11 +66,12 @@ def test_decode_linear_equals_linear_on_gpt2_small_shapes(dtype):
         fast_linear = torch.nn.Linear(in_f, out_f, bias=out_f != 50257).to(dtype)
         fast_linear.load_state_dict(ref.state_dict())
         fast_linear.__class__ = fast.DecodeLinear
-        fast_linear.weight.data = fast_linear.weight.data.t().contiguous().t()
         for rows in (1, 3, 40):
             x = torch.randn(rows, 1, in_f, dtype=dtype)
             with torch.no_grad():
                 assert (fast_linear(x).float() - ref(x).float()).abs().max().item() <= tol, (out_f, rows)
+                if rows == 1 and dtype == torch.float32:  # the way forward() takes for it, called by name
+                    assert (fast_linear.one_row(x) - ref(x)).abs().max().item() <= tol, out_f
         with torch.no_grad():
             fast_linear.weight.mul_(2)
             ref.weight.mul_(2)
