@@ -3,16 +3,16 @@ what it gains and where (bench/bench_vs_peft.py: medians of 3 rounds on a 2-core
 and is held to the reference by tests/test_fast.py.
 
   piece                 replaces                                    gain measured
-  DecodeLinear and      nn.Linear while decoding on a CPU, and      GPT-2-small-shaped sampling at batch 1:
-  accelerate()          the weights' (out, in) storage              20.7 -> 39.1 tok/s; batch 8: 91.0 -> 219.2
+  DecodeLinear and      nn.Linear while decoding on a CPU           GPT-2-small-shaped sampling at batch 1:
+  accelerate()                                                      22.0 -> 47.5 tok/s; batch 8: 100.4 -> 227.1
   stream / generate     generate.stream and KVCache: a static       (in the row above)
   StaticKVCache         cache written in place, the prompt's
                         logits at its last position only; on a
                         GPU each step replayed as a CUDA graph
   beam_search,          beam.CacheSteps and beam.best_pairs         E2E beam search (10 tables x 5 beams):
-  StaticSteps,                                                      285.0 -> 484.2 tables/min
+  StaticSteps,                                                      322.4 -> 519.8 tables/min
   best_pairs
-  Int8Linear            nn.Linear while decoding (--dtype int8)     batch 1: 59.1 tok/s against float32's 39.1
+  Int8Linear            nn.Linear while decoding (--dtype int8)     batch 1: 65.9 tok/s against float32's 47.5
   FloatAttention,       CausalSelfAttention's attention in          a training step's attention 0.82 -> 0.33 ms,
   attend                bfloat16 / float16 on a CPU                 a beam step's 0.93 -> 0.29 (one thread)
   lm_loss (LMHeadLoss)  trainer.lm_loss, trainer.token_nll: no      offline model's training: float32 none
