@@ -72,7 +72,7 @@ def length_study(out, report=False):
             if not report:
                 print(f"== prefix length: {variant}, P={P}", flush=True)
             rate = lr if "MLP" in variant else "5e-3"
-            kind = f"{variant.split()[0]}-{'mlp' if 'MLP' in variant else 'plain'}-{P}"
+            kind = f"{variant.split()[0].replace('/', '')}-{'mlp' if 'MLP' in variant else 'plain'}-{P}"  # KV-mlp-5
             r = one(os.path.join(out, "length", kind), [*flags, "--prefix-len", str(P), "--lr", rate], report)
             results[variant][P] = [r] if r is not None else []
     return results, lr

@@ -261,6 +261,27 @@ def test_fast_beam_search_finds_the_references_hypotheses(fast_model, offline_mo
                                                         for h in want]
 
 
+def test_beam_reorder_moves_only_what_the_beams_wrote():
+    """StaticKVCache.reorder(rows, same_below=S) leaves the first S positions, which a prompt's beams share, and
+    gives each row the positions after them from its new source row: the same cache as reordering everything."""
+    torch.manual_seed(0)
+    prompt = [(torch.randn(2, 3, 4, 8), torch.randn(2, 3, 4, 8)) for _ in range(2)]  # 2 prompts, 2 layers, S=4
+    beams = torch.tensor([0, 0, 1, 1])  # two beams per prompt
+    caches = [fast.StaticKVCache(KVCache(prompt).select(beams), capacity=7) for _ in range(2)]
+    written = [(torch.randn(4, 3, 2, 8), torch.randn(4, 3, 2, 8)) for _ in range(2)]  # each beam's own 2 tokens
+    for c in caches:
+        for i, (k, v) in enumerate(written):
+            c.k[i][:, :, 4:6], c.v[i][:, :, 4:6] = k, v
+        c.n = 6
+    rows = torch.tensor([1, 1, 3, 2])  # survivors stay within their prompt
+    caches[0].reorder(rows, same_below=4)
+    caches[1].reorder(rows)
+    for i, (k, v) in enumerate(written):
+        assert torch.equal(caches[0].k[i], caches[1].k[i]) and torch.equal(caches[0].v[i], caches[1].v[i])
+        assert torch.equal(caches[0].k[i][:, :, 4:6], k[rows]) and torch.equal(caches[0].v[i][:, :, :4],
+                                                                               prompt[i][1][beams])
+
+
 def test_int8_linear_is_the_rounded_weight_times_its_scale():
     """Int8Linear's product is x @ (q * scale)^T + b with q = round(w / scale), |q| <= 127, one scale per output
     row; so it is within half a step of the float weight's product."""
