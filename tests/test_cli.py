@@ -113,10 +113,18 @@ def test_train_reports_bad_data_with_file_and_line(offline_model_dir, tmp_path):
     assert p.returncode != 0 and f"{bad}:2: missing field 'sentiment'" in p.stderr and "Traceback" not in p.stderr
 
 
+def ctrl_c_on():
+    """In the child, before train.py starts: SIGINT back to its default. A shell ignores SIGINT in the jobs it runs
+    in the background (`pytest &`), the child inherits that, and Python then installs no KeyboardInterrupt: the
+    test's Ctrl-C would go unheard. A user pressing Ctrl-C runs train.py in the foreground, where it is on."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def train_until(args, line_starts, cwd=REPO):
     """Start train.py, wait for a line of its output that starts with line_starts, then press Ctrl-C."""
     proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *map(str, args)], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                            preexec_fn=ctrl_c_on)
     for line in proc.stdout:
         if line.startswith(line_starts):
             break
@@ -129,7 +137,8 @@ def test_ctrl_c_keeps_a_usable_checkpoint(offline_model_dir, offline_model, tmp_
     out = tmp_path / "prefix.safetensors"
     proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), "--model", str(offline_model_dir), "--mlp",
                              "--epochs", "50", "--out", str(out)], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                            preexec_fn=ctrl_c_on)
     for line in proc.stdout:  # wait until training has begun, then let it take some steps
         if line.startswith("prefix ("):
             break
