@@ -51,9 +51,8 @@ class DecodeLinear(nn.Linear):
                        blocks with the input row: each core reads its blocks straight through as dot products,
                        with no partial sums to add up. A step multiplies one row by each weight, so reading the
                        weights is all the work, and MKL's matrix-vector product (F.linear) reads with one core.
-                       GPT-2 small's linear layers, 12 layers from memory: 11.5-13.5 ms (26-30 GB/s) against
-                       15.7-16 for cutting the inner dimension instead (which needs partial sums added up) and 26
-                       for F.linear; its lm_head 4.8-5.4 ms, 2 threads.
+                       GPT-2-small-shaped sampling at batch 1 (bench/bench_vs_peft.py): 47.5 tok/s, against 39.1
+                       for cutting the inner dimension instead (which needs partial sums added up).
     more rows, or      oneDNN's inner product on the weight packed once, on first use, into its blocked layout
     bfloat16           (kept beside the weight: a second copy). Batched sampling and beams multiply a few rows by
                        each weight, where MKL's small-M products fall to a quarter of the CPU's speed: GPT-2
@@ -86,7 +85,7 @@ class DecodeLinear(nn.Linear):
         w, b = self.weight, self.bias
         k, out = 2 * torch.get_num_threads(), w.size(0)
         m = out - out % k  # the rows that fill k equal blocks (all but one of GPT-2's 50,257 lm_head rows)
-        col = x.reshape(1, -1).t().expand(k, -1, 1)  # (k, in, 1), strides (0, 1, in): MKL takes (0, 1, 1) 70x slower
+        col = x.reshape(1, -1).t().expand(k, -1, 1)  # (k, in, 1), strides (0, 1, in): MKL takes (0, 1, 1) far slower
         y = torch.bmm(w[:m].view(k, m // k, -1), col).view(-1)  # (k, m/k, in) @ (k, in, 1) -> (m,)
         if m < out:
             y = torch.cat([y, w[m:] @ x.reshape(-1)])
@@ -441,7 +440,7 @@ class StaticKVCache:
         prompt's and prefix's), left in place: a step copies the beams' own tokens only, not the whole cache."""
         n = self.n
         for buffers in (self.k, self.v):
-            for t in buffers:  # index_select: ~4x faster here than t[rows] on the strided slice
+            for t in buffers:  # index_select: faster here than t[rows] on the strided slice
                 t[:, :, same_below:n] = torch.index_select(t[:, :, same_below:n], 0, rows)
         self.real.copy_(self.real[rows])
         self.position.copy_(self.position[rows])
