@@ -235,11 +235,11 @@ def train_synthetic(side, folder, device, steps):
         from minprefix.trainer import batch_loss, lm_loss
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[side_dtype(side)]
         model = GPT2.from_pretrained(folder, device=device, dtype=dtype).requires_grad_(False)
-        if fast.enabled():  # as train.py: the loss, the allocator and, in half precision, float32 attention
-            fast.keep_freed_memory()
-            fast.for_training(model)
         loss_fn = fast.lm_loss if fast.enabled() else lm_loss
         prefix = KVPrefix(model.config, 1, P, mlp=True).to(device)
+        if fast.enabled():  # as train.py: the loss, the allocator, and in bfloat16 float32 attention and a bfloat16 MLP
+            fast.keep_freed_memory()
+            fast.for_training(model, prefix)
         opt = torch.optim.AdamW(prefix.parameters(), lr=5e-5, weight_decay=0.0, fused=True)
         label = torch.zeros(TRAIN_B, dtype=torch.long, device=device)
 
@@ -290,7 +290,7 @@ def train_real(side, device, mode="kv"):
             build("lora", model, labels, tok, lora_rank=4, lora_alpha=32).requires_grad_(True)
         if fast.enabled():
             fast.keep_freed_memory()
-            fast.for_training(model)
+            fast.for_training(model, method)
         loss_fn = fast.lm_loss if fast.enabled() else lm_loss
         opt = torch.optim.AdamW(method.parameters(), lr=5e-5 if mode == "kv" else 1e-3, weight_decay=0.0, fused=True)
         step_loss = lambda idx, tg, y: batch_loss(model, method, idx, tg, y, loss_fn)

@@ -82,14 +82,14 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):  # x (B, T, in) -> (B, T, out)
         h = self.base(x)
-        w = self.weights.to(x.dtype)  # (B or 1, n_labels)
-        if w.size(0) not in (1, x.size(0)):
-            raise ValueError(f"this LoRA mixes {w.size(0)} rows differently but the batch has {x.size(0)} rows "
-                             f"(beam search reorders rows): decode rows of one mix together")
-        for rows, pair in self.parts:
-            ax = torch.einsum("bti,nri->btnr", x, pair.A.to(x.dtype))  # A_i x for every label i: (B, T, n, r)
-            bax = torch.einsum("btnr,bn,nor->bto", ax, w.expand(x.size(0), -1), pair.B.to(x.dtype))  # sum_i w_i B_i A_i x
-            h[..., rows] = h[..., rows] + self.scale * bax
+        if self.weights.size(0) not in (1, x.size(0)):
+            raise ValueError(f"this LoRA mixes {self.weights.size(0)} rows differently but the batch has {x.size(0)} "
+                             f"rows (beam search reorders rows): decode rows of one mix together")
+        for rows, pair in self.parts:  # in the pair's own dtype (float32), as PEFT computes it, then the model's
+            xa, w = x.to(pair.A.dtype), self.weights.to(pair.A.dtype).expand(x.size(0), -1)  # w: (B, n_labels)
+            ax = torch.einsum("bti,nri->btnr", xa, pair.A)  # A_i x for every label i: (B, T, n, r)
+            bax = torch.einsum("btnr,bn,nor->bto", ax, w, pair.B)  # sum_i w_i B_i A_i x: (B, T, out rows)
+            h[..., rows] = h[..., rows] + (self.scale * bax).to(h.dtype)
         return h
 
 

@@ -160,7 +160,8 @@ def save_prefix(path, prefix, base_model, labels, info=None, trained_with_mlp=No
     base_model: what GPT2.from_pretrained should load for this prefix (model.name_or_path). trained_with_mlp:
     default, whether this prefix has its MLP (an imported table may say otherwise)."""
     c = prefix.config
-    table = prefix.table().detach().float().cpu()
+    with torch.no_grad():
+        table = prefix.table().float().cpu()
     if isinstance(prefix, KVPrefix):
         table = table.view(prefix.n_labels, prefix.prefix_len, c.n_layer, 2 * c.n_embd)  # (n_labels, P, L, 2*H*D)
     meta = {"format": FORMAT, "mode": "kv" if isinstance(prefix, KVPrefix) else "embedding",

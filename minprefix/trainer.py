@@ -152,7 +152,7 @@ def train(model, method, train_items, val_items, labels, out, epochs=5, batch_si
     loss_fn, nll_fn = (fast.lm_loss, fast.token_nll) if fast.enabled() else (lm_loss, token_nll)
     if fast.enabled():
         fast.keep_freed_memory()
-        fast.for_training(model)
+        fast.for_training(model, method)
     model.requires_grad_(False)
     method.requires_grad_(True)  # fine-tuning's method holds the model itself: every weight
     trainable = [p for p in method.parameters() if p.requires_grad]

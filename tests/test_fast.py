@@ -239,6 +239,57 @@ def test_half_precision_runs_through_both_paths(offline_model_dir):
     assert all(q.grad is not None and q.grad.dtype == torch.float32 for q in p.parameters())
 
 
+def test_top_k_and_logsumexp_equal_torchs():
+    """best_pairs' two pieces against torch.topk and torch.logsumexp: ties across blocks, the values past the last
+    whole block, banned (-inf) entries, rows of -inf and +inf, float32 and bfloat16 input."""
+    torch.manual_seed(0)
+    x = torch.randn(7, 50257) * 4
+    x[1, 100:300] = 30.0  # ties spanning blocks
+    x[2, -5:] = 40.0  # the best in the 17 values after the last block of 64
+    x[3, 64:128] = float("-inf")
+    for k in (1, 10, 64):
+        want, got = x.topk(k), fast.top_k(x, k)
+        assert torch.equal(got[0], want.values)
+        assert torch.equal(x.gather(1, got[1]), want.values)  # indices of equal values: ties in any order
+    assert torch.equal(fast.top_k(x[:, :300], 10)[0], x[:, :300].topk(10).values)  # 4 blocks, k = 10: torch's own
+    for rows in (x, x.bfloat16()):
+        torch.testing.assert_close(fast.logsumexp(rows), torch.logsumexp(rows.float(), -1, keepdim=True),
+                                   atol=1e-5, rtol=1e-6)
+    edge = torch.tensor([[float("-inf")] * 3, [0.0, float("inf"), 1.0], [-1e4, -1e4, 0.0]])
+    assert torch.equal(fast.logsumexp(edge), torch.logsumexp(edge, -1, keepdim=True))
+
+
+def test_bfloat16_prefix_mlp_in_a_training_step(offline_model_dir, tmp_path):
+    """for_training swaps HalfPrefixMLP into a prefix trained on a bfloat16 model on a CPU (into nothing else):
+    in a step its products run in bfloat16 and its gradients land float32, close to the float32 MLP's; with
+    gradients off (held-out passes, saving) it is PrefixMLP exactly."""
+    from minprefix.prefix import PrefixMLP, load_prefix
+    model = GPT2.from_pretrained(offline_model_dir, dtype=torch.bfloat16).requires_grad_(False)
+    torch.manual_seed(0)
+    half, plain = KVPrefix(model.config, 2, 5, mlp=True), KVPrefix(model.config, 2, 5, mlp=True)
+    plain.load_state_dict(half.state_dict())
+    fast.for_training(model, half)
+    assert all(type(m) is fast.HalfPrefixMLP for m in half.mlp) and type(model.h[0].attn) is fast.FloatAttention
+    full = fast.for_training(GPT2.from_pretrained(offline_model_dir).requires_grad_(False), plain)  # float32
+    assert all(type(m) is PrefixMLP for m in plain.mlp)
+    w = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    table = half.table()
+    assert table.dtype == torch.bfloat16 and table.requires_grad
+    torch.testing.assert_close(table.float(), plain.table().detach(), atol=0.05, rtol=0.02)
+    x, targets = torch.randint(0, 50257, (2, 12)), torch.randint(0, 50257, (2, 12))
+    fast.lm_loss(model, x, targets, half.cache(model, w)).backward()
+    fast.lm_loss(full, x, targets, plain.cache(full, w)).backward()
+    for (name, a), b in zip(half.named_parameters(), plain.parameters()):
+        assert a.grad.dtype == torch.float32, name
+        cos = F.cosine_similarity(a.grad.flatten(), b.grad.flatten(), dim=0)
+        assert cos > 0.99, (name, cos)  # the same direction, to bfloat16 rounding
+    with torch.no_grad():
+        assert half.table().dtype == torch.float32 and torch.equal(half.table(), plain.table())
+    half.save(tmp_path / "p.safetensors", model, ["a", "b"])
+    saved, _ = load_prefix(tmp_path / "p.safetensors")
+    assert torch.equal(saved.table(), plain.table().detach())  # what is saved is float32's table
+
+
 @pytest.mark.parametrize("with_prefix", [False, True])
 def test_fast_beam_search_finds_the_references_hypotheses(fast_model, offline_model, with_prefix):
     """StaticSteps + best_pairs against beam.py's reference pieces: the same hypotheses with the same scores, for a
