@@ -506,6 +506,10 @@ def report(runs, bw, peak, args, machine, versions, seconds):
     tps = lambda w, s: [x["tokens_per_s"] for x in runs[w][s]]
     med = lambda w, s: statistics.median(tps(w, s))
     cell = lambda w, s: fmt_range(tps(w, s)) if s in runs.get(w, {}) else "-"
+    # This VM's speed drifts by tens of percent between minutes; the two sides of one round run minutes apart at
+    # most, so their ratio round by round is steadier than the ratio of the medians: both are printed.
+    ratio = lambda w, a, b: (f"**{med(w, a) / med(w, b):.2f}x** (medians); round by round "
+                             + fmt_range([x / y for x, y in zip(tps(w, a), tps(w, b))], "{:.2f}x"))
     mb = lambda w, s: f"{statistics.median([x['peak_bytes'] for x in runs[w][s]]) / 2**20:,.0f}" \
         if s in runs.get(w, {}) else "-"
     lines = [f"minprefix vs HF transformers + PEFT and CTranslate2 on {args.device}: {machine}; {versions}; median "
@@ -552,7 +556,7 @@ def report(runs, bw, peak, args, machine, versions, seconds):
         lines += ["| beam search, 10 E2E tables x 5 beams x 40 tokens, offline model (tables/min) | float32 | bfloat16 "
                   "| int8 | reference path | bfloat16 / float32 |", "|---|---|---|---|---|---|",
                   "| eval.py --task e2e's decoding | " + " | ".join(cells)
-                  + f" | **{med(w, 'minprefix-bf16') / med(w, 'minprefix'):.2f}x** |", ""]
+                  + f" | {ratio(w, 'minprefix-bf16', 'minprefix')} |", ""]
     if "train-synthetic" in runs:
         w = "train-synthetic"
         lines += ["| training, GPT-2-small shape, B=2 x T=64, P=10, MLP (tok/s) | minprefix float32 | bfloat16 | "
@@ -577,7 +581,7 @@ def report(runs, bw, peak, args, machine, versions, seconds):
             lines.append(f"| {names[s]} | {cell(w, s)} | {pos} | {loss:.4f} | {runs[w][s][0]['trainable']:,} | "
                          f"**{med(w, s) / med(w, 'hf'):.2f}x** |")
         if "minprefix-bf16" in runs[w]:
-            lines.append(f"\nbfloat16 / float32 on this workload: **{med(w, 'minprefix-bf16') / med(w, 'minprefix'):.2f}x**")
+            lines.append(f"\nbfloat16 / float32 on this workload: {ratio(w, 'minprefix-bf16', 'minprefix')}")
         lines.append("")
     checks = []
     for w in sampling:
