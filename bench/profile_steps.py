@@ -1,10 +1,12 @@
 """Where a step's time goes, float32 against bfloat16, on the offline model (imdb-gpt2-19m, NOT GPT-2): the
-figures behind the README's "why bfloat16 stops short of 2x". Medians over repeated steps, one process.
+figures behind the README's "why bfloat16 stops short of 2x". One process; float32 and bfloat16 alternate, 5
+rounds of each measurement, and each figure is the median of the 5 rounds' medians (this VM drifts between minutes).
 
   training   batch 2 x 25 tokens, prefix 10 + MLP, 2 labels: the whole step (fast.lm_loss, AdamW), the lm_head
              loss alone (forward and backward), the blocks alone (with the prefix and its MLP), the MLP + AdamW alone
   beam       10 E2E tables x 5 beams x 40 tokens as eval.py --task e2e decodes: the step, and torch.profiler's
              self time per step by kind of operator
+  pieces     fast.py's small pieces against what they replace, alone, on a beam step's or a training step's shapes
 
   python bench/profile_steps.py
 """
@@ -29,8 +31,8 @@ from minprefix.prefix import KVPrefix  # noqa: E402
 MODEL = os.environ.get("MINPREFIX_TEST_MODEL", os.path.join(REPO, "..", "shared", "models", "imdb-gpt2-19m"))
 
 
-def median_ms(fn, n=30):
-    for _ in range(5):
+def median_ms(fn, n=30, warmup=5):
+    for _ in range(warmup):
         fn()
     times = []
     for _ in range(n):
@@ -70,18 +72,18 @@ def training(dtype):
         sum(k.float().sum() for k, _ in cache.layers).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return {"whole step": median_ms(step), "lm_head loss": median_ms(head), "blocks + prefix MLP": median_ms(blocks),
-            "prefix MLP + AdamW": median_ms(mlp_adamw)}
+    return {"whole step": step, "lm_head loss": head, "blocks + prefix MLP": blocks, "prefix MLP + AdamW": mlp_adamw}
 
 
 def kind(name, shapes):
     vocab = "50257" in shapes
-    if "linear_pointwise" in name or name in ("aten::bmm", "aten::mm", "aten::addmm"):
+    if "linear_pointwise" in name or name in ("aten::mm", "aten::addmm"):
         return "lm_head" if vocab else "the blocks' products"
-    if name in ("aten::topk", "aten::logsumexp", "aten::amax", "aten::sub", "aten::exp", "aten::exp_", "aten::sum",
-                "aten::log", "aten::cat") and (vocab or "502" in shapes):
+    if name in ("aten::embedding", "aten::index_select") and vocab:
+        return "everything else"  # the token embeddings' lookup
+    if vocab or any(s in shapes for s in ("50240", "785", "657")):  # the logits, whole or as top_k's blocks
         return "best_pairs (log-sum-exp, top-k)"
-    if "scaled_dot" in name or name in ("aten::_softmax", "aten::masked_fill"):
+    if "scaled_dot" in name or name in ("aten::bmm", "aten::_softmax", "aten::masked_fill"):  # bmm: attend()'s
         return "attention"
     if name == "aten::index_select":
         return "beam reorder"
@@ -100,13 +102,66 @@ def beam(dtype_name):
         with torch.no_grad():
             run, cache = prefix.apply(model, torch.ones(len(tables), 1))
             fast.beam_search(run, idx, 5, 40, kv_cache=cache, real=real, eot=None, banned=(198, 628))
-    out = {"whole step": median_ms(decode, 5) / 40}
+    return decode
+
+
+def by_kind(decode):  # torch.profiler's self time per step of one beam search, by kind of operator
+    out = {}
     with profile(record_shapes=True) as p:
         decode()
     for e in p.key_averages(group_by_input_shape=True):
         k = kind(e.key, str(e.input_shapes))
         out[k] = out.get(k, 0.0) + e.self_cpu_time_total / 1e3 / 41  # 40 steps and the prompt
     return out
+
+
+def alternate(a, b, n, rounds=5, warmup=5):
+    """a, b: {name: fn} -> ({name: ms}, {name: ms}), each the median of `rounds` medians of n calls, a and b taking
+    turns."""
+    out_a, out_b = {k: [] for k in a}, {k: [] for k in b}
+    for _ in range(rounds):
+        for k in a:
+            out_a[k].append(median_ms(a[k], n, warmup))
+            out_b[k].append(median_ms(b[k], n, warmup))
+    return ({k: statistics.median(v) for k, v in out_a.items()}, {k: statistics.median(v) for k, v in out_b.items()})
+
+
+def pieces():
+    """ms per call: each fast piece beside the PyTorch code it replaces, on a beam step's shapes (50 rows of logits:
+    10 tables x 5 beams) and the offline model's prefix MLP. The two of a pair alternate, 5 times 20 calls each;
+    medians of the 5."""
+    from minprefix.prefix import PrefixMLP
+    torch.manual_seed(0)
+    mlp = PrefixMLP(10, 256, 4096)  # one label's prefix MLP on the offline model: P=10, L*2*C = 4096
+
+    def forward_backward(cls):
+        def run():
+            mlp.__class__ = cls
+            mlp.zero_grad(set_to_none=True)
+            mlp().float().sum().backward()
+        return run
+    f32 = torch.randn(50, 50257) * 4
+    pairs = []
+    for dtype in (torch.float32, torch.bfloat16):
+        x = f32.to(dtype)
+        name = str(dtype).removeprefix("torch.")
+        pairs += [(f"exp of 50 x {x.size(1)} {name} logits, in float32: torch.exp, exp2(x log2 e)",
+                   lambda x=x: torch.exp(x.float()), lambda x=x: torch.exp2(x.float() * fast.LOG2E)),
+                  (f"log-sum-exp of the {name} logits, 8 rows at a time: torch.logsumexp, fast.logsumexp",
+                   lambda x=x: [torch.logsumexp(r.float(), -1, keepdim=True) for r in x.split(8)],
+                   lambda x=x: [fast.logsumexp(r) for r in x.split(8)])]
+    pairs += [("top-10 of each row, float32: torch.topk, fast.top_k", lambda: f32.topk(10), lambda: fast.top_k(f32, 10)),
+              ("prefix MLP forward + backward, one label: PrefixMLP float32, HalfPrefixMLP",
+               forward_backward(PrefixMLP), forward_backward(fast.HalfPrefixMLP))]
+    rows = []
+    for what, ref, new in pairs:
+        a, b = [], []
+        for _ in range(5):
+            a.append(median_ms(ref, 20))
+            b.append(median_ms(new, 20))
+        rows.append(f"| {what} | {statistics.median(a):.2f} | {statistics.median(b):.2f} | "
+                    f"{statistics.median(a) / statistics.median(b):.1f}x |")
+    return "\n".join(["| a piece alone (ms per call) | PyTorch's | fast.py's | gain |", "|---|---|---|---|"] + rows)
 
 
 def table(title, a, b):
@@ -117,5 +172,10 @@ def table(title, a, b):
 
 if __name__ == "__main__":
     print(f"{torch.get_num_threads()} threads, torch {torch.__version__}; ms per step, medians\n")
-    print(table("training step (ms)", training(torch.float32), training(torch.bfloat16)) + "\n")
-    print(table("beam step (ms; parts: profiler self time)", beam("float32"), beam("bfloat16")))
+    print(table("training step (ms)", *alternate(training(torch.float32), training(torch.bfloat16), 10)) + "\n")
+    decode32, decode16 = beam("float32"), beam("bfloat16")
+    whole32, whole16 = alternate({"whole step": decode32}, {"whole step": decode16}, 2, warmup=1)
+    steps = lambda d: {k: v / 40 for k, v in d.items()}
+    print(table("beam step (ms; parts: profiler self time, one search)", dict(steps(whole32), **by_kind(decode32)),
+                dict(steps(whole16), **by_kind(decode16))) + "\n")
+    print(pieces())
