@@ -418,9 +418,9 @@ def best_pairs(logits, scores, ban, k):
 
 def top_k(x, k, block=64):
     """x (n, V) float32 -> x.topk(k) (values, indices; ties in any order), 3.3x faster over GPT-2's vocabulary (50
-    rows, k=10: 0.57 against 1.87 ms, bench/profile_steps.py): the k blocks of 64 with the largest maxima hold the k largest values (a block
-    holding one of them has a max at least the k-th largest, and at most k blocks can), so topk runs on the block
-    maxima and then on those k blocks, plus the V % 64 values left over."""
+    rows, k=10: 0.57 against 1.87 ms, bench/profile_steps.py). The k blocks of 64 with the largest maxima hold the
+    k largest values (a block holding one of them has a max at least the k-th largest, and at most k blocks can),
+    so topk runs on the block maxima and then on those k blocks, plus the V % 64 values left over."""
     n, V = x.shape
     whole = V - V % block
     if whole // block < k or not x.is_contiguous():
