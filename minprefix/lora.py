@@ -85,8 +85,9 @@ class LoRALinear(nn.Module):
         if self.weights.size(0) not in (1, x.size(0)):
             raise ValueError(f"this LoRA mixes {self.weights.size(0)} rows differently but the batch has {x.size(0)} "
                              f"rows (beam search reorders rows): decode rows of one mix together")
-        for rows, pair in self.parts:  # in the pair's own dtype (float32), as PEFT computes it, then the model's
-            xa, w = x.to(pair.A.dtype), self.weights.to(pair.A.dtype).expand(x.size(0), -1)  # w: (B, n_labels)
+        dtype = self.parts[0][1].A.dtype  # the change in the pairs' own dtype (float32), as PEFT computes it
+        xa, w = x.to(dtype), self.weights.to(dtype).expand(x.size(0), -1)  # w: (B, n_labels)
+        for rows, pair in self.parts:
             ax = torch.einsum("bti,nri->btnr", xa, pair.A)  # A_i x for every label i: (B, T, n, r)
             bax = torch.einsum("btnr,bn,nor->bto", ax, w, pair.B)  # sum_i w_i B_i A_i x: (B, T, out rows)
             h[..., rows] = h[..., rows] + (self.scale * bax).to(h.dtype)
