@@ -23,6 +23,10 @@ Workloads:
   sample-b1, -b8    GPT-2-small-shaped random weights, prompt 8 tokens, prefix 10, 128 new tokens, greedy
   beam-e2e          the offline model, 10 E2E test tables x 5 beams, 40 new tokens each (<|endoftext|> off, so
                     every side does the same work), as eval.py --task e2e decodes: tables per minute
+  train-real-gpt2-shape, beam-e2e-gpt2-shape
+                    the same two on GPT-2-small-shaped random weights (what GPT-2 small itself would cost, which
+                    cannot be downloaded here), float32 against bfloat16: speed only (the loss of random weights
+                    says nothing, and is not reported)
 
 Every figure is the median over --rounds rounds with its min-max. Two limits beside them: the machine's memory
 bandwidth (the fastest of a few 1 GiB reads, same threads), which bounds batch-1 decoding (a step reads every
@@ -60,6 +64,8 @@ PLAN = {
     "sample-b8": ["minprefix", "minprefix-bf16", "minprefix-int8", "minprefix-reference", "hf", "peft-generate",
                   "ct2-float32", "ct2-int8"],
     "beam-e2e": ["minprefix", "minprefix-bf16", "minprefix-int8", "minprefix-reference"],
+    "train-real-gpt2-shape": ["minprefix", "minprefix-bf16"],
+    "beam-e2e-gpt2-shape": ["minprefix", "minprefix-bf16"],
 }
 DTYPE = {"bf16": "bfloat16", "int8": "int8"}
 
@@ -199,7 +205,7 @@ def sample_workload(side, folder, device, batch, repeats):
     return result
 
 
-def beam_workload(side, device, repeats):
+def beam_workload(side, device, repeats, model_dir=OFFLINE):
     """10 E2E tables, 5 beams, 40 new tokens each: -> tables per minute (reported as tokens_per_s for the table)."""
     from minprefix import Tokenizer, fast
     from minprefix.beam import beam_search
@@ -209,7 +215,7 @@ def beam_workload(side, device, repeats):
     from minprefix.method import build
     tok = Tokenizer()
     tables = read_tables(os.path.join(REPO, "..", "shared", "data", "e2e", "test.txt.gz"), 10)
-    model = fast.decoding_model(OFFLINE, side_dtype(side), device).requires_grad_(False)
+    model = fast.decoding_model(model_dir, side_dtype(side), device).requires_grad_(False)
     torch.manual_seed(0)
     prefix = build("kv", model, ["task"], tok, 5, True)
     idx, real = pad_left([source_prompt(tok, t) for t, _ in tables], device=device)
@@ -268,10 +274,11 @@ def train_synthetic(side, folder, device, steps):
     return {"tokens_per_s": TRAIN_B * TRAIN_T / dt, "peak_bytes": m.bytes}
 
 
-def train_real(side, device, mode="kv"):
-    """One epoch on data/train.jsonl at batch 2 on the offline model; the same batches (same seed) on both sides.
-    mode kv: prefix 10 with its MLP; lora: r=4, alpha 32. -> text tokens/s (targets that are not padding),
-    positions/s (every position computed) and the held-out loss."""
+def train_real(side, device, mode="kv", model_dir=OFFLINE):
+    """One epoch on data/train.jsonl at batch 2 on model_dir (the offline model, or GPT-2-small-shaped random
+    weights); the same batches (same seed) on both sides. mode kv: prefix 10 with its MLP; lora: r=4, alpha 32.
+    -> text tokens/s (targets that are not padding), positions/s (every position computed) and the held-out loss
+    (the offline model's only)."""
     from minprefix import Tokenizer
     from minprefix.data import batches, encode, label_names, read_jsonl
     tok = Tokenizer()
@@ -285,7 +292,7 @@ def train_real(side, device, mode="kv"):
         from minprefix.method import build
         from minprefix.trainer import batch_loss, evaluate, lm_loss, token_nll
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[side_dtype(side)]
-        model = GPT2.from_pretrained(OFFLINE, device=device, dtype=dtype).requires_grad_(False)
+        model = GPT2.from_pretrained(model_dir, device=device, dtype=dtype).requires_grad_(False)
         method = build(mode, model, labels, tok, P, True).requires_grad_(True) if mode == "kv" else \
             build("lora", model, labels, tok, lora_rank=4, lora_alpha=32).requires_grad_(True)
         if fast.enabled():
@@ -303,7 +310,7 @@ def train_real(side, device, mode="kv"):
                                              encoder_hidden_size=512)) if mode == "kv" else \
             (lambda: LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=32, target_modules=["c_attn"],
                                 fan_in_fan_out=True, lora_dropout=0.0))
-        pm = get_peft_model(GPT2LMHeadModel.from_pretrained(OFFLINE, dtype=torch.float32).to(device), config())
+        pm = get_peft_model(GPT2LMHeadModel.from_pretrained(model_dir, dtype=torch.float32).to(device), config())
         names = ["default"] + labels[1:]
         for name in names[1:]:
             pm.add_adapter(name, config())
@@ -352,7 +359,7 @@ def train_real(side, device, mode="kv"):
         sync(device)
         dt = time.perf_counter() - t0
     return {"tokens_per_s": text_tokens / dt, "positions_per_s": positions / dt, "peak_bytes": m.bytes,
-            "held_out_loss": held(), "seconds": dt, "trainable": trainable}
+            "held_out_loss": held() if model_dir == OFFLINE else None, "seconds": dt, "trainable": trainable}
 
 
 def child(side, workload, folder, device, steps):
@@ -366,6 +373,10 @@ def child(side, workload, folder, device, steps):
         r = train_real(side, device, mode="lora")
     elif workload == "beam-e2e":
         r = beam_workload(side, device, repeats=3)
+    elif workload == "train-real-gpt2-shape":
+        r = train_real(side, device, model_dir=folder)
+    elif workload == "beam-e2e-gpt2-shape":
+        r = beam_workload(side, device, repeats=2, model_dir=folder)
     else:
         r = sample_workload(side, folder, device, int(workload.split("-b")[1]), repeats=3)
     print(json.dumps(r))
@@ -567,6 +578,15 @@ def report(runs, bw, peak, args, machine, versions, seconds):
                   + f" | **{med(w, 'minprefix-bf16') / med(w, 'minprefix'):.2f}x** | "
                     f"{med(w, 'minprefix') / med(w, 'hf'):.2f}x; {med(w, 'minprefix-bf16') / med(w, 'hf'):.2f}x | "
                     f"{mb(w, 'minprefix')} / {mb(w, 'hf')} |", ""]
+    shaped = [w for w in ("train-real-gpt2-shape", "beam-e2e-gpt2-shape") if w in runs]
+    if shaped:
+        what = {"train-real-gpt2-shape": "one epoch of data/train.jsonl, batch 2, prefix 10 + MLP (text tok/s)",
+                "beam-e2e-gpt2-shape": "beam search, 10 E2E tables x 5 beams x 40 tokens (tables/min)"}
+        lines += ["| GPT-2-small shape, random weights: speed only | float32 | bfloat16 | bfloat16 / float32 |",
+                  "|---|---|---|---|"]
+        lines += [f"| {what[w]} | {cell(w, 'minprefix')} | {cell(w, 'minprefix-bf16')} | "
+                  f"{ratio(w, 'minprefix-bf16', 'minprefix')} |" for w in shaped]
+        lines.append("")
     for w, what in (("train-real", "prefix 10 + MLP"), ("train-lora", "LoRA r=4")):
         if w not in runs:
             continue

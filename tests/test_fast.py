@@ -72,6 +72,8 @@ def test_decode_linear_equals_linear_on_gpt2_small_shapes(dtype):
                 assert (fast_linear(x).float() - ref(x).float()).abs().max().item() <= tol, (out_f, rows)
                 if rows == 1 and dtype == torch.float32:  # the way forward() takes for it, called by name
                     assert (fast_linear.one_row(x) - ref(x)).abs().max().item() <= tol, out_f
+                gelu = F.gelu(ref(x).float(), approximate="tanh")  # linear_gelu: fused into oneDNN's product
+                assert (fast.linear_gelu(fast_linear, x).float() - gelu).abs().max().item() <= tol, (out_f, rows)
         with torch.no_grad():
             fast_linear.weight.mul_(2)
             ref.weight.mul_(2)
@@ -288,6 +290,28 @@ def test_bfloat16_prefix_mlp_in_a_training_step(offline_model_dir, tmp_path):
     half.save(tmp_path / "p.safetensors", model, ["a", "b"])
     saved, _ = load_prefix(tmp_path / "p.safetensors")
     assert torch.equal(saved.table(), plain.table().detach())  # what is saved is float32's table
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_half_precision_step_attends_to_the_written_slots_only(offline_model_dir, padded):
+    """In bfloat16 StaticKVCache.cpu_step reads each layer's whole buffers (a slice of them would be copied to
+    make it contiguous), masking the slots not written yet: filled with large keys and values, they change
+    nothing. Its logits against float32's reference step on the same cache, to bfloat16 rounding."""
+    model = fast.accelerate(GPT2.from_pretrained(offline_model_dir, dtype=torch.bfloat16).requires_grad_(False))
+    full = GPT2.from_pretrained(offline_model_dir).requires_grad_(False)
+    idx, real = pad_left(prompts()) if padded else (torch.tensor([prompts()[0]] * 2), None)
+    cache = KVCache()
+    with torch.no_grad():
+        model.hidden(model.wte(idx), cache, real)
+        full_cache = KVCache([(k.float(), v.float()) for k, v in cache.layers], cache.real)
+        static = fast.StaticKVCache(cache, capacity=cache.length + 6)
+        for t in static.k + static.v:
+            t[:, :, cache.length:] = 50.0  # never written: what a step must not attend to
+        x = torch.full((len(idx), 1), 262)
+        got = static.cpu_step(model, x).float()
+        want = full.lm_head(full.hidden(full.wte(x), full_cache)[:, -1])
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+    assert (got - want).abs().max().item() < 0.5  # bfloat16 weights and activations; the garbage would give ~10
 
 
 @pytest.mark.parametrize("with_prefix", [False, True])
