@@ -1,16 +1,21 @@
-"""Where a step's time goes, float32 against bfloat16, on the offline model (imdb-gpt2-19m, NOT GPT-2): the
-figures behind the README's "why bfloat16 stops short of 2x". One process; float32 and bfloat16 alternate, 5
+"""Where a step's time goes, float32 against bfloat16, on the offline model (imdb-gpt2-19m, NOT GPT-2) or any
+model in the hub's layout (--model: GPT-2-small-shaped random weights, say): the figures behind the README's "why
+bfloat16 stops short of 2x". One process; float32 and bfloat16 alternate, 5
 rounds of each measurement, and each figure is the median of the 5 rounds' medians (this VM drifts between minutes).
 
   training   batch 2 x 25 tokens, prefix 10 + MLP, 2 labels: the whole step (fast.lm_loss, AdamW), the lm_head
-             loss alone (forward and backward), the blocks alone (with the prefix and its MLP), the MLP + AdamW alone
+             loss alone (forward and backward), the blocks alone (with the prefix and its MLP), the MLP + AdamW alone;
+             and the whole step's minor page faults and kernel time (getrusage)
   beam       10 E2E tables x 5 beams x 40 tokens as eval.py --task e2e decodes: the step, and torch.profiler's
              self time per step by kind of operator
   pieces     fast.py's small pieces against what they replace, alone, on a beam step's or a training step's shapes
 
   python bench/profile_steps.py
+  python bench/profile_steps.py --model /path/to/gpt2-small-shaped --no-pieces
 """
+import argparse
 import os
+import resource
 import statistics
 import sys
 import time
@@ -164,6 +169,17 @@ def pieces():
     return "\n".join(["| a piece alone (ms per call) | PyTorch's | fast.py's | gain |", "|---|---|---|---|"] + rows)
 
 
+def kernel(step, n=10):
+    """-> (minor page faults, kernel ms) per call of step, from getrusage over n calls after 3 unmeasured."""
+    for _ in range(3):
+        step()
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    for _ in range(n):
+        step()
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    return (r1.ru_minflt - r0.ru_minflt) / n, (r1.ru_stime - r0.ru_stime) / n * 1e3
+
+
 def table(title, a, b):
     rows = [f"| {title} | float32 | bfloat16 |", "|---|---|---|"]
     rows += [f"| {k} | {a.get(k, 0):.1f} | {b.get(k, 0):.1f} |" for k in a]
@@ -171,11 +187,21 @@ def table(title, a, b):
 
 
 if __name__ == "__main__":
-    print(f"{torch.get_num_threads()} threads, torch {torch.__version__}; ms per step, medians\n")
-    print(table("training step (ms)", *alternate(training(torch.float32), training(torch.bfloat16), 10)) + "\n")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=MODEL, help="a folder in the hub's layout (default: %(default)s)")
+    p.add_argument("--no-pieces", action="store_true", help="skip the table of small pieces alone")
+    args = p.parse_args()
+    MODEL = args.model
+    print(f"{MODEL}; {torch.get_num_threads()} threads, torch {torch.__version__}; ms per step, medians\n")
+    train32, train16 = training(torch.float32), training(torch.bfloat16)
+    a, b = alternate(train32, train16, 10)
+    (a["page faults (a count)"], a["kernel time"]), (b["page faults (a count)"], b["kernel time"]) = \
+        kernel(train32["whole step"]), kernel(train16["whole step"])
+    print(table("training step (ms)", a, b) + "\n")
     decode32, decode16 = beam("float32"), beam("bfloat16")
     whole32, whole16 = alternate({"whole step": decode32}, {"whole step": decode16}, 2, warmup=1)
     steps = lambda d: {k: v / 40 for k, v in d.items()}
     print(table("beam step (ms; parts: profiler self time, one search)", dict(steps(whole32), **by_kind(decode32)),
                 dict(steps(whole16), **by_kind(decode16))) + "\n")
-    print(pieces())
+    if not args.no_pieces:
+        print(pieces())
