@@ -4,24 +4,29 @@ and is held to the reference by tests/test_fast.py.
 
   piece                 replaces                                    gain measured
   DecodeLinear and      nn.Linear while decoding on a CPU           GPT-2-small-shaped sampling at batch 1:
-  accelerate()                                                      22.0 -> 47.5 tok/s; batch 8: 100.4 -> 227.1
-  stream / generate     generate.stream and KVCache: a static       (in the row above)
-  StaticKVCache         cache written in place, the prompt's
-                        logits at its last position only; on a
-                        GPU each step replayed as a CUDA graph
+  accelerate()                                                      20.5 -> 42.3 tok/s; batch 8: 82.4 -> 188.7
+  stream / generate     generate.stream and KVCache: a static       (in the row above); in half precision the
+  StaticKVCache         cache written in place, the prompt's        whole buffers: a bfloat16 beam step on
+                        logits at its last position only; in half   GPT-2 small's shape 82-98 -> 70-80 ms (a
+                        precision attention over the whole          trial)
+                        buffers; on a GPU each step replayed as a
+                        CUDA graph
+  linear_gelu           F.gelu(c_fc(x)) while decoding              0.15-0.19 ms a layer and step at 50 rows
   beam_search,          beam.CacheSteps and beam.best_pairs         E2E beam search (10 tables x 5 beams):
-  StaticSteps,                                                      232.1 -> 483.8 tables/min (5 rounds)
-  best_pairs, top_k,                                                alone: top_k 3.3x torch.topk, logsumexp
-  logsumexp                                                         1.5-1.6x torch.logsumexp (profile_steps.py)
-  Int8Linear            nn.Linear while decoding (--dtype int8)     batch 1: 65.9 tok/s against float32's 47.5
+  StaticSteps,                                                      240.1 -> 440.9 tables/min (3 rounds)
+  best_pairs, top_k,                                                alone: top_k 3.2x torch.topk, logsumexp
+  logsumexp                                                         1.2-1.6x torch.logsumexp (profile_steps.py)
+  Int8Linear            nn.Linear while decoding (--dtype int8)     batch 1: 59.4 tok/s against float32's 42.3
   FloatAttention,       CausalSelfAttention's attention in          a training step's attention 0.82 -> 0.33 ms,
   attend                bfloat16 / float16 on a CPU                 a beam step's 0.93 -> 0.29 (one thread)
-  lm_loss (LMHeadLoss)  trainer.lm_loss, trainer.token_nll: no      offline model's training: float32 none
-  token_nll             (N, V) logits; bfloat16 products            (within noise); bfloat16 1.64x float32
-                                                                    (medians of 5 rounds; 1.74x round by round)
+  lm_loss (LMHeadLoss)  trainer.lm_loss, trainer.token_nll: no      offline model's training: float32 1.19x the
+  token_nll             (N, V) logits; bfloat16 products            reference; bfloat16 1.79x float32 (medians
+                                                                    of 3 rounds; 1.51x round by round); GPT-2
+                                                                    small's shape 2.07x
   HalfPrefixMLP         prefix.PrefixMLP's forward in a bfloat16    one label's MLP, forward and backward:
-                        training step                               3.94 -> 2.18 ms (profile_steps.py)
-  keep_freed_memory     glibc's malloc defaults                     (in the lm_loss row)
+                        training step                               7.24 -> 3.76 ms (profile_steps.py)
+  keep_freed_memory     glibc's malloc defaults                     GPT-2 small's prefix MLP: ~18,000 page
+                                                                    faults a training step -> none
 
 On by default; MINPREFIX_REFERENCE=1 in the environment (or --reference on train.py, sample.py, eval.py) runs
 the reference alone, end to end.
@@ -252,7 +257,7 @@ class HalfPrefixMLP(PrefixMLP):
     """PrefixMLP whose products run in bfloat16 in a training step, when the frozen model is in bfloat16 on a CPU:
     autocast's mixed precision, so the parameters, their gradients and AdamW stay float32 and each product casts
     its weight. The MLP's products have P rows (the prefix's positions), where MKL's float32 runs far below the
-    memory bandwidth; its forward and backward take about half the time in bfloat16 (2.18 against 3.94 ms a label
+    memory bandwidth; its forward and backward take about half the time in bfloat16 (3.76 against 7.24 ms a label
     at P=10, L*2*C=4096: bench/profile_steps.py). Its output goes to a bfloat16 model, which rounds it anyway.
     With gradients off (held-out passes, saving the table) it is PrefixMLP: what is saved is float32's product."""
 
@@ -327,8 +332,8 @@ def _online_softmax(h, wte, with_softmax_wte):
     return (m + s.log2()) / LOG2E, None if acc is None else acc / s
 
 
-LOG2E = 1.4426950408889634  # exp(x) = 2 ** (x log2(e)); on a CPU PyTorch's exp2 with the scaling takes 0.93 ms
-# over 50 x 50257 float32 logits against exp's 1.56 (bench/profile_steps.py)
+LOG2E = 1.4426950408889634  # exp(x) = 2 ** (x log2(e)); on a CPU PyTorch's exp2 with the scaling takes 0.86 ms
+# over 50 x 50257 float32 logits against exp's 1.53 (bench/profile_steps.py)
 
 
 def logsumexp(x):
@@ -427,8 +432,8 @@ def best_pairs(logits, scores, ban, k):
 
 
 def top_k(x, k, block=64):
-    """x (n, V) float32 -> x.topk(k) (values, indices; ties in any order), 3.3x faster over GPT-2's vocabulary (50
-    rows, k=10: 0.57 against 1.87 ms, bench/profile_steps.py). The k blocks of 64 with the largest maxima hold the
+    """x (n, V) float32 -> x.topk(k) (values, indices; ties in any order), 3.2x faster over GPT-2's vocabulary (50
+    rows, k=10: 0.62 against 1.99 ms, bench/profile_steps.py). The k blocks of 64 with the largest maxima hold the
     k largest values (a block holding one of them has a max at least the k-th largest, and at most k blocks can),
     so topk runs on the block maxima and then on those k blocks, plus the V % 64 values left over."""
     n, V = x.shape
