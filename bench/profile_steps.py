@@ -8,19 +8,22 @@ rounds of each measurement, and each figure is the median of the 5 rounds' media
              and the whole step's minor page faults and kernel time (getrusage)
   beam       10 E2E tables x 5 beams x 40 tokens as eval.py --task e2e decodes: the step, and torch.profiler's
              self time per step by kind of operator
-  pieces     fast.py's small pieces against what they replace, alone, on a beam step's or a training step's shapes
+  pieces     fast.py's small pieces against what they replace, alone, on a beam step's or a training step's shapes;
+             and the allocator: a GPT-2-small prefix gradient's block allocated and freed, glibc's way and ours
 
   python bench/profile_steps.py
-  python bench/profile_steps.py --model /path/to/gpt2-small-shaped --no-pieces
+  python bench/profile_steps.py --model /path/to/gpt2-small-shaped --only steps
 """
 import argparse
 import os
+import subprocess
 import resource
 import statistics
 import sys
 import time
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.profiler import profile
 
@@ -158,6 +161,18 @@ def pieces():
     pairs += [("top-10 of each row, float32: torch.topk, fast.top_k", lambda: f32.topk(10), lambda: fast.top_k(f32, 10)),
               ("prefix MLP forward + backward, one label: PrefixMLP float32, HalfPrefixMLP",
                forward_backward(PrefixMLP), forward_backward(fast.HalfPrefixMLP))]
+    # GPT-2 small's shapes, a beam step's 50 rows, bfloat16
+    q, ks, vs = (torch.randn(50, 12, n, 64).bfloat16() for n in (1, 80, 80))
+    written = torch.arange(80) < 60  # 60 of the cache's 80 slots written so far
+    pairs.append(("decoding attention, 50 rows x 12 heads, 60 of 80 slots written, bfloat16: the slice (bmm copies "
+                  "it), the whole buffers masked (StaticKVCache.cpu_step)", lambda: fast.attend(q, ks[:, :, :60],
+                  vs[:, :, :60], None), lambda: fast.attend(q, ks, vs, written.expand(50, 1, 1, 80))))
+    c_fc = nn.Linear(768, 3072).bfloat16().requires_grad_(False)
+    c_fc.__class__ = fast.DecodeLinear
+    x = torch.randn(50, 1, 768).bfloat16()
+    no_grad = lambda f: torch.no_grad()(f)  # as decoding runs: DecodeLinear's own ways only without gradients
+    pairs.append(("c_fc and GELU, 50 rows, 768 -> 3072, bfloat16: F.gelu(DecodeLinear), fast.linear_gelu",
+                  no_grad(lambda: F.gelu(c_fc(x), approximate="tanh")), no_grad(lambda: fast.linear_gelu(c_fc, x))))
     rows = []
     for what, ref, new in pairs:
         a, b = [], []
@@ -180,6 +195,32 @@ def kernel(step, n=10):
     return (r1.ru_minflt - r0.ru_minflt) / n, (r1.ru_stime - r0.ru_stime) / n * 1e3
 
 
+ALLOCATE = """
+import resource, statistics, sys, time, torch
+sys.path.insert(0, sys.argv[1])
+from minprefix import fast
+if sys.argv[2] == "heap":
+    fast.keep_freed_memory()
+times, r0 = [], resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(50):
+    t = time.perf_counter()
+    torch.empty(18432, 512).fill_(1.0)  # GPT-2 small's prefix MLP: one label's c_proj gradient, 37.7 MB
+    times.append(time.perf_counter() - t)
+print(statistics.median(times) * 1e3, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0) / 50)
+"""
+
+
+def allocator():
+    """A 37.7 MB block allocated, written and freed 50 times, in a child process for each setting (glibc keeps a
+    freed heap block, so the two cannot share a process): -> table rows of ms (median) and page faults per time."""
+    rows = ["| a 37.7 MB gradient allocated, written and freed | ms | page faults |", "|---|---|---|"]
+    for mode, what in (("default", "glibc's default: mapped anew each time"), ("heap", "keep_freed_memory: the heap")):
+        out = subprocess.run([sys.executable, "-c", ALLOCATE, REPO, mode], capture_output=True, text=True, check=True)
+        ms, faults = map(float, out.stdout.split())
+        rows.append(f"| {what} | {ms:.2f} | {faults:,.0f} |")
+    return "\n".join(rows)
+
+
 def table(title, a, b):
     rows = [f"| {title} | float32 | bfloat16 |", "|---|---|---|"]
     rows += [f"| {k} | {a.get(k, 0):.1f} | {b.get(k, 0):.1f} |" for k in a]
@@ -189,10 +230,14 @@ def table(title, a, b):
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=MODEL, help="a folder in the hub's layout (default: %(default)s)")
-    p.add_argument("--no-pieces", action="store_true", help="skip the table of small pieces alone")
+    p.add_argument("--only", choices=("steps", "pieces"), help="the training and beam steps only, or the small "
+                   "pieces alone only (default: both)")
     args = p.parse_args()
     MODEL = args.model
     print(f"{MODEL}; {torch.get_num_threads()} threads, torch {torch.__version__}; ms per step, medians\n")
+    if args.only == "pieces":
+        print(pieces() + "\n\n" + allocator())
+        sys.exit()
     train32, train16 = training(torch.float32), training(torch.bfloat16)
     a, b = alternate(train32, train16, 10)
     (a["page faults (a count)"], a["kernel time"]), (b["page faults (a count)"], b["kernel time"]) = \
@@ -203,5 +248,5 @@ if __name__ == "__main__":
     steps = lambda d: {k: v / 40 for k, v in d.items()}
     print(table("beam step (ms; parts: profiler self time, one search)", dict(steps(whole32), **by_kind(decode32)),
                 dict(steps(whole16), **by_kind(decode16))) + "\n")
-    if not args.no_pieces:
-        print(pieces())
+    if args.only != "steps":
+        print(pieces() + "\n\n" + allocator())

@@ -71,27 +71,33 @@ class DecodeLinear(nn.Linear):
     float16            F.linear (oneDNN packs float16 only where the CPU has avx512_fp16 or avx_ne_convert).
     Same products, summed in another order: equal to nn.Linear to float rounding (tests/test_fast.py)."""
 
-    def forward(self, x, gelu=False):  # x (..., in) -> (..., out); gelu: GPT-2's GELU of that, fused where packed
+    def forward(self, x, gelu=False):  # x (..., in) -> (..., out); gelu: GPT-2's GELU of it, fused where packed
+        way = self.way(x)
+        if way == "packed":
+            post = ("gelu", [], "tanh") if gelu else ("none", [], "")  # oneDNN applies the GELU to its float32 sums
+            rows = x.numel() // x.size(-1)
+            y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, -1), self.__dict__["packed"], self.bias, *post)
+            return y.view(*x.shape[:-1], -1)
+        y = self.one_row(x) if way == "one row" else F.linear(x, self.weight, self.bias)
+        return F.gelu(y, approximate="tanh") if gelu else y
+
+    def way(self, x):  # -> "linear", "one row" or "packed" (packing the weight first where it is new or changed)
         w = self.weight
-        act = (lambda y: F.gelu(y, approximate="tanh")) if gelu else (lambda y: y)
         if x.device.type != "cpu" or torch.is_grad_enabled():
-            return act(F.linear(x, w, self.bias))
-        rows = x.numel() // x.size(-1)
-        if rows == 1 and w.dtype == torch.float32 and w.is_contiguous() and torch.get_num_threads() > 1:
-            return act(self.one_row(x))
+            return "linear"
+        if x.numel() == x.size(-1) and w.dtype == torch.float32 and w.is_contiguous() and torch.get_num_threads() > 1:
+            return "one row"
         if w.dtype not in PACKED or not torch.backends.mkldnn.is_available():
-            return act(F.linear(x, w, self.bias))
+            return "linear"
         key = (w.data_ptr(), w._version, w.dtype)  # a new or changed weight (a LoRA merged into a copy) repacks
         if self.__dict__.get("packed_for") != key:
             try:
                 self.__dict__["packed"] = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), None)
             except RuntimeError:  # a dtype this CPU's oneDNN cannot pack: PyTorch's own product from now on
                 PACKED.discard(w.dtype)
-                return act(F.linear(x, w, self.bias))
+                return "linear"
             self.__dict__["packed_for"] = key
-        post = ("gelu", [], "tanh") if gelu else ("none", [], "")  # oneDNN applies the GELU to its float32 sums
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, -1), self.__dict__["packed"], self.bias, *post)
-        return y.view(*x.shape[:-1], -1)
+        return "packed"
 
     def one_row(self, x):  # x (..., in), one row -> (..., out)
         w, b = self.weight, self.bias
@@ -587,7 +593,8 @@ class StaticKVCache:
 def keep_freed_memory():
     """Stop glibc's malloc from handing big freed blocks back to the OS. Each CPU training step frees and
     allocates tens of MB (activations, gradients); unmapped, every one comes back through page faults that
-    zero it again. So every block comes from the heap, and the heap keeps what is freed. jemalloc and tcmalloc, which PyTorch CPU users often preload, behave like this by default.
+    zero it again. So every block comes from the heap, and the heap keeps what is freed. jemalloc and tcmalloc,
+    which PyTorch CPU users often preload, behave like this by default.
     No-op where there is no glibc."""
     if not sys.platform.startswith("linux"):
         return
