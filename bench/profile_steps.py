@@ -236,6 +236,7 @@ if __name__ == "__main__":
     MODEL = args.model
     print(f"{MODEL}; {torch.get_num_threads()} threads, torch {torch.__version__}; ms per step, medians\n")
     if args.only == "pieces":
+        fast.keep_freed_memory()  # as the fast path runs (training() and beam() set it for the steps)
         print(pieces() + "\n\n" + allocator())
         sys.exit()
     train32, train16 = training(torch.float32), training(torch.bfloat16)
