@@ -6,16 +6,16 @@ and is held to the reference by tests/test_fast.py.
   DecodeLinear and      nn.Linear while decoding on a CPU           GPT-2-small-shaped sampling at batch 1:
   accelerate()                                                      20.5 -> 42.3 tok/s; batch 8: 82.4 -> 188.7
   stream / generate     generate.stream and KVCache: a static       (in the row above); in half precision the
-  StaticKVCache         cache written in place, the prompt's        whole buffers: a bfloat16 beam step on
-                        logits at its last position only; in half   GPT-2 small's shape 82-98 -> 70-80 ms (a
-                        precision attention over the whole          trial)
+  StaticKVCache         cache written in place, the prompt's        whole buffers: bfloat16 attention alone,
+                        logits at its last position only; in half   GPT-2 small's shapes, 50 rows: 1.43 -> 0.49
+                        precision attention over the whole          ms a layer (profile_steps.py --only pieces)
                         buffers; on a GPU each step replayed as a
                         CUDA graph
-  linear_gelu           F.gelu(c_fc(x)) while decoding              0.15-0.19 ms a layer and step at 50 rows
+  linear_gelu           F.gelu(c_fc(x)) while decoding              GPT-2 small's c_fc, 50 rows: 0.76 -> 0.63 ms
   beam_search,          beam.CacheSteps and beam.best_pairs         E2E beam search (10 tables x 5 beams):
   StaticSteps,                                                      240.1 -> 440.9 tables/min (3 rounds)
-  best_pairs, top_k,                                                alone: top_k 3.2x torch.topk, logsumexp
-  logsumexp                                                         1.2-1.6x torch.logsumexp (profile_steps.py)
+  best_pairs, top_k,                                                alone: top_k 4.9x torch.topk, logsumexp
+  logsumexp                                                         1.5-1.6x torch.logsumexp (profile_steps.py)
   Int8Linear            nn.Linear while decoding (--dtype int8)     batch 1: 59.4 tok/s against float32's 42.3
   FloatAttention,       CausalSelfAttention's attention in          a training step's attention 0.82 -> 0.33 ms,
   attend                bfloat16 / float16 on a CPU                 a beam step's 0.93 -> 0.29 (one thread)
@@ -24,9 +24,9 @@ and is held to the reference by tests/test_fast.py.
                                                                     of 3 rounds; 1.51x round by round); GPT-2
                                                                     small's shape 2.07x
   HalfPrefixMLP         prefix.PrefixMLP's forward in a bfloat16    one label's MLP, forward and backward:
-                        training step                               7.24 -> 3.76 ms (profile_steps.py)
-  keep_freed_memory     glibc's malloc defaults                     GPT-2 small's prefix MLP: ~18,000 page
-                                                                    faults a training step -> none
+                        training step                               3.81 -> 2.30 ms (profile_steps.py)
+  keep_freed_memory     glibc's malloc defaults                     a 37.7 MB gradient (GPT-2 small's prefix
+                                                                    MLP) allocated and freed: 10.69 -> 1.38 ms
 
 On by default; MINPREFIX_REFERENCE=1 in the environment (or --reference on train.py, sample.py, eval.py) runs
 the reference alone, end to end.
@@ -112,7 +112,7 @@ class DecodeLinear(nn.Linear):
 
 def linear_gelu(linear, x):
     """F.gelu(linear(x), approximate="tanh"), GPT-2's MLP activation, fused into oneDNN's product where
-    DecodeLinear packs its weight (a beam step on GPT-2-small-shaped weights: 0.15-0.19 ms less per layer)."""
+    DecodeLinear packs its weight (GPT-2 small's c_fc at 50 rows in bfloat16: 0.76 -> 0.63 ms, profile_steps.py)."""
     if isinstance(linear, DecodeLinear):
         return linear.forward(x, gelu=True)
     return F.gelu(linear(x), approximate="tanh")
@@ -263,7 +263,7 @@ class HalfPrefixMLP(PrefixMLP):
     """PrefixMLP whose products run in bfloat16 in a training step, when the frozen model is in bfloat16 on a CPU:
     autocast's mixed precision, so the parameters, their gradients and AdamW stay float32 and each product casts
     its weight. The MLP's products have P rows (the prefix's positions), where MKL's float32 runs far below the
-    memory bandwidth; its forward and backward take about half the time in bfloat16 (3.76 against 7.24 ms a label
+    memory bandwidth; its forward and backward take about half the time in bfloat16 (2.30 against 3.81 ms a label
     at P=10, L*2*C=4096: bench/profile_steps.py). Its output goes to a bfloat16 model, which rounds it anyway.
     With gradients off (held-out passes, saving the table) it is PrefixMLP: what is saved is float32's product."""
 
@@ -338,8 +338,8 @@ def _online_softmax(h, wte, with_softmax_wte):
     return (m + s.log2()) / LOG2E, None if acc is None else acc / s
 
 
-LOG2E = 1.4426950408889634  # exp(x) = 2 ** (x log2(e)); on a CPU PyTorch's exp2 with the scaling takes 0.86 ms
-# over 50 x 50257 float32 logits against exp's 1.53 (bench/profile_steps.py)
+LOG2E = 1.4426950408889634  # exp(x) = 2 ** (x log2(e)); on a CPU PyTorch's exp2 with the scaling takes 1.07 ms
+# over 50 x 50257 float32 logits against exp's 2.03 (bench/profile_steps.py)
 
 
 def logsumexp(x):
@@ -438,8 +438,8 @@ def best_pairs(logits, scores, ban, k):
 
 
 def top_k(x, k, block=64):
-    """x (n, V) float32 -> x.topk(k) (values, indices; ties in any order), 3.2x faster over GPT-2's vocabulary (50
-    rows, k=10: 0.62 against 1.99 ms, bench/profile_steps.py). The k blocks of 64 with the largest maxima hold the
+    """x (n, V) float32 -> x.topk(k) (values, indices; ties in any order), 4.9x faster over GPT-2's vocabulary (50
+    rows, k=10: 0.47 against 2.28 ms, bench/profile_steps.py). The k blocks of 64 with the largest maxima hold the
     k largest values (a block holding one of them has a max at least the k-th largest, and at most k blocks can),
     so topk runs on the block maxima and then on those k blocks, plus the V % 64 values left over."""
     n, V = x.shape
@@ -542,8 +542,8 @@ class StaticKVCache:
         n = self.n
         self.real[:, n] = True
         # In half precision PyTorch's CPU bmm copies a slice of the buffers (not contiguous) before multiplying:
-        # attending over the whole buffers, the slots not written yet masked, is faster (a bfloat16 beam step on
-        # GPT-2-small-shaped weights: 85-95 -> 70-80 ms). float32's products read the slice as it is.
+        # attending over the whole buffers, the slots not written yet masked, is faster (GPT-2 small's shapes, 50
+        # rows: 1.43 -> 0.49 ms a layer, bench/profile_steps.py). float32's products read the slice as it is.
         whole = self.k[0].dtype != torch.float32
         end = self.real.size(1) if whole else n + 1
         mask = self.real[:, None, None, :end] if self.padded or whole else None
@@ -604,5 +604,5 @@ def keep_freed_memory():
         return
     mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks under 32 MiB (glibc's ceiling for it) come from the heap
     mallopt(-4, 0)  # M_MMAP_MAX: and larger ones too. GPT-2 small's prefix MLP has 37.7 MB gradients, mapped anew
-    # each step otherwise: 18,000 page faults and ~40 ms of kernel time a training step (getrusage, a trial)
+    # each step otherwise, 9,218 page faults each: 10.69 against 1.38 ms a block (bench/profile_steps.py)
     mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of freed heap rather than trimming it
