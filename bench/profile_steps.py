@@ -8,8 +8,11 @@ rounds of each measurement, and each figure is the median of the 5 rounds' media
              and the whole step's minor page faults and kernel time (getrusage)
   beam       10 E2E tables x 5 beams x 40 tokens as eval.py --task e2e decodes: the step, and torch.profiler's
              self time per step by kind of operator
+  bound      a beam step's products alone (the most bfloat16 could gain if nothing else took time), the fast
+             step, and the same step compiled by torch.compile (Inductor), float32 against bfloat16
   pieces     fast.py's small pieces against what they replace, alone, on a beam step's or a training step's shapes;
-             and the allocator: a GPT-2-small prefix gradient's block allocated and freed, glibc's way and ours
+             and the allocator: a GPT-2-small prefix gradient's block allocated and freed, glibc's way and ours,
+             and a training run's peak memory each way
 
   python bench/profile_steps.py
   python bench/profile_steps.py --model /path/to/gpt2-small-shaped --only steps
@@ -113,6 +116,60 @@ def beam(dtype_name):
     return decode
 
 
+def bound(dtype_name):
+    """-> ({name: fn}, compile seconds or an error): one beam step at the E2E search's shapes (10 tables x 5 beams,
+    the prefix and the padded prompts cached, room for 40 tokens), three ways. Its products alone: every linear
+    layer and the lm_head on 50 rows, one after another, as DecodeLinear runs them (what a step would take if
+    nothing but its products took time). The fast step (StaticKVCache.cpu_step), without the beams' choice. And
+    the same step compiled: torch.compile (Inductor, freezing) of StaticKVCache.step on the plain model."""
+    from minprefix.gpt2 import KVCache
+    tables = read_tables(os.path.join(REPO, "..", "shared", "data", "e2e", "test.txt.gz"), 10)
+    idx, _ = pad_left([source_prompt(Tokenizer(), t) for t, _ in tables])
+    B, S = 50, 5 + idx.size(1)  # 5 prefix positions
+    model = fast.decoding_model(MODEL, dtype_name).requires_grad_(False)
+    plain = GPT2.from_pretrained(MODEL, dtype=model.dtype).requires_grad_(False)
+    c = model.config
+    torch.manual_seed(0)
+    shape = (B, c.n_head, S, c.n_embd // c.n_head)
+    cache = KVCache([(torch.randn(shape, dtype=model.dtype), torch.randn(shape, dtype=model.dtype)) for _ in model.h])
+    x = torch.randint(0, c.vocab_size, (B, 1))
+    products = [(m, torch.randn(B, 1, m.in_features, dtype=model.dtype), m is b.mlp.c_fc)
+                for b in model.h for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
+    products.append((model.lm_head, torch.randn(B, 1, c.n_embd, dtype=model.dtype), False))
+    fast_cache, plain_cache = fast.StaticKVCache(cache, S + 40), fast.StaticKVCache(cache, S + 40)
+
+    def products_alone():
+        for m, h, gelu in products:
+            m.forward(h, gelu)
+
+    def fast_step():
+        if fast_cache.n == S + 40:  # full: start again from the prompt
+            fast_cache.n = S
+            fast_cache.real[:, S:] = False
+        fast_cache.cpu_step(model, x)
+
+    def compiled_step():
+        if int(plain_cache.slot) == S + 40:
+            plain_cache.slot.fill_(S)
+            plain_cache.real[:, S:] = False
+        compiled(x)
+    torch._inductor.config.freezing = True  # the weights are constants: Inductor may pack them, as DecodeLinear does
+    compiled = torch.compile(lambda x: plain_cache.step(plain, x))
+    steps = {"the step's products alone": no_grad(products_alone), "the fast step (cpu_step)": no_grad(fast_step)}
+    try:
+        t = time.perf_counter()
+        no_grad(compiled_step)()
+        compile_s = time.perf_counter() - t
+        steps["the step compiled (Inductor)"] = no_grad(compiled_step)
+    except Exception as e:  # no C++ compiler, most often: Inductor's CPU backend builds its kernels with one
+        compile_s = f"torch.compile failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    return steps, compile_s
+
+
+def no_grad(f):  # as decoding runs: DecodeLinear takes its own ways only without gradients
+    return torch.no_grad()(f)
+
+
 def by_kind(decode):  # torch.profiler's self time per step of one beam search, by kind of operator
     out = {}
     with profile(record_shapes=True) as p:
@@ -170,7 +227,6 @@ def pieces():
     c_fc = nn.Linear(768, 3072).bfloat16().requires_grad_(False)
     c_fc.__class__ = fast.DecodeLinear
     x = torch.randn(50, 1, 768).bfloat16()
-    no_grad = lambda f: torch.no_grad()(f)  # as decoding runs: DecodeLinear's own ways only without gradients
     pairs.append(("c_fc and GELU, 50 rows, 768 -> 3072, bfloat16: F.gelu(DecodeLinear), fast.linear_gelu",
                   no_grad(lambda: F.gelu(c_fc(x), approximate="tanh")), no_grad(lambda: fast.linear_gelu(c_fc, x))))
     rows = []
@@ -201,23 +257,42 @@ sys.path.insert(0, sys.argv[1])
 from minprefix import fast
 if sys.argv[2] == "heap":
     fast.keep_freed_memory()
-times, r0 = [], resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+times, faults = [], []
 for _ in range(50):
-    t = time.perf_counter()
+    t, r0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     torch.empty(18432, 512).fill_(1.0)  # GPT-2 small's prefix MLP: one label's c_proj gradient, 37.7 MB
     times.append(time.perf_counter() - t)
-print(statistics.median(times) * 1e3, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0) / 50)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)
+print(statistics.median(times) * 1e3, statistics.median(faults))
+"""
+
+
+TRAIN_PEAK = """
+import resource, sys, torch
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/bench"]
+import profile_steps
+from minprefix import fast
+if sys.argv[2] == "default":
+    fast.keep_freed_memory = lambda: None  # training() calls it: here glibc keeps its defaults
+profile_steps.MODEL = sys.argv[3]
+step = profile_steps.training(torch.bfloat16)["whole step"]
+for _ in range(20):
+    step()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 """
 
 
 def allocator():
-    """A 37.7 MB block allocated, written and freed 50 times, in a child process for each setting (glibc keeps a
-    freed heap block, so the two cannot share a process): -> table rows of ms (median) and page faults per time."""
-    rows = ["| a 37.7 MB gradient allocated, written and freed | ms | page faults |", "|---|---|---|"]
+    """A 37.7 MB block allocated, written and freed 50 times, and 20 bfloat16 training steps (as above) on MODEL, in
+    a child process for each setting (glibc keeps a freed heap block, so the two cannot share a process): -> table
+    rows of ms and page faults per time (medians of the 50), and the training's peak resident memory (ru_maxrss)."""
+    rows = ["| glibc's setting | a 37.7 MB gradient allocated, written and freed: ms | its page faults | 20 training "
+            "steps: peak resident MB |", "|---|---|---|---|"]
     for mode, what in (("default", "glibc's default: mapped anew each time"), ("heap", "keep_freed_memory: the heap")):
-        out = subprocess.run([sys.executable, "-c", ALLOCATE, REPO, mode], capture_output=True, text=True, check=True)
-        ms, faults = map(float, out.stdout.split())
-        rows.append(f"| {what} | {ms:.2f} | {faults:,.0f} |")
+        run = lambda *a: subprocess.run([sys.executable, "-c", *a], capture_output=True, text=True, check=True).stdout
+        ms, faults = map(float, run(ALLOCATE, REPO, mode).split())
+        peak = float(run(TRAIN_PEAK, REPO, mode, MODEL).split()[-1])
+        rows.append(f"| {what} | {ms:.2f} | {faults:,.0f} | {peak:,.0f} |")
     return "\n".join(rows)
 
 
@@ -230,11 +305,20 @@ def table(title, a, b):
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=MODEL, help="a folder in the hub's layout (default: %(default)s)")
-    p.add_argument("--only", choices=("steps", "pieces"), help="the training and beam steps only, or the small "
-                   "pieces alone only (default: both)")
+    p.add_argument("--only", choices=("steps", "pieces", "bound"), help="the training and beam steps only, the "
+                   "small pieces alone only, or the beam step's bound only: its products alone and the step compiled "
+                   "(default: steps and pieces)")
     args = p.parse_args()
     MODEL = args.model
     print(f"{MODEL}; {torch.get_num_threads()} threads, torch {torch.__version__}; ms per step, medians\n")
+    if args.only == "bound":
+        (steps32, compile32), (steps16, compile16) = bound("float32"), bound("bfloat16")
+        a, b = alternate(steps32, steps16, 10, warmup=2)
+        print("| one beam step, 50 rows (ms) | float32 | bfloat16 | float32 / bfloat16 |\n|---|---|---|---|")
+        print("\n".join(f"| {k} | {a[k]:.1f} | {b[k]:.1f} | {a[k] / b[k]:.2f}x |" for k in a))
+        for name, c in (("float32", compile32), ("bfloat16", compile16)):
+            print(f"\n{name}: " + (f"compiled in {c:.1f} s" if isinstance(c, float) else c))
+        sys.exit()
     if args.only == "pieces":
         fast.keep_freed_memory()  # as the fast path runs (training() and beam() set it for the steps)
         print(pieces() + "\n\n" + allocator())
