@@ -4,7 +4,7 @@ and is held to the reference by tests/test_fast.py.
 
   piece                 replaces                                    gain measured
   DecodeLinear and      nn.Linear while decoding on a CPU           GPT-2-small-shaped sampling at batch 1:
-  accelerate()                                                      20.5 -> 42.3 tok/s; batch 8: 82.4 -> 188.7
+  accelerate()                                                      20.0 -> 46.2 tok/s; batch 8: 84.1 -> 204.9
   stream / generate     generate.stream and KVCache: a static       (in the row above); in half precision the
   StaticKVCache         cache written in place, the prompt's        whole buffers: bfloat16 attention alone,
                         logits at its last position only; in half   GPT-2 small's shapes, 50 rows: 1.43 -> 0.49
@@ -13,20 +13,20 @@ and is held to the reference by tests/test_fast.py.
                         CUDA graph
   linear_gelu           F.gelu(c_fc(x)) while decoding              GPT-2 small's c_fc, 50 rows: 0.76 -> 0.63 ms
   beam_search,          beam.CacheSteps and beam.best_pairs         E2E beam search (10 tables x 5 beams):
-  StaticSteps,                                                      240.1 -> 440.9 tables/min (3 rounds)
+  StaticSteps,                                                      240.8 -> 469.7 tables/min (3 rounds)
   best_pairs, top_k,                                                alone: top_k 4.9x torch.topk, logsumexp
   logsumexp                                                         1.5-1.6x torch.logsumexp (profile_steps.py)
-  Int8Linear            nn.Linear while decoding (--dtype int8)     batch 1: 59.4 tok/s against float32's 42.3
+  Int8Linear            nn.Linear while decoding (--dtype int8)     batch 1: 53.4 tok/s against float32's 46.2
   FloatAttention,       CausalSelfAttention's attention in          a training step's attention 0.82 -> 0.33 ms,
   attend                bfloat16 / float16 on a CPU                 a beam step's 0.93 -> 0.29 (one thread)
-  lm_loss (LMHeadLoss)  trainer.lm_loss, trainer.token_nll: no      offline model's training: float32 1.19x the
-  token_nll             (N, V) logits; bfloat16 products            reference; bfloat16 1.79x float32 (medians
-                                                                    of 3 rounds; 1.51x round by round); GPT-2
-                                                                    small's shape 2.07x
+  lm_loss (LMHeadLoss)  trainer.lm_loss, trainer.token_nll: no      offline model's training: float32 1.28x the
+  token_nll             (N, V) logits; bfloat16 products            reference; bfloat16 1.43x float32 (medians
+                                                                    of 3 rounds; 1.47x round by round); GPT-2
+                                                                    small's shape 2.12x
   HalfPrefixMLP         prefix.PrefixMLP's forward in a bfloat16    one label's MLP, forward and backward:
                         training step                               3.81 -> 2.30 ms (profile_steps.py)
   keep_freed_memory     glibc's malloc defaults                     a 37.7 MB gradient (GPT-2 small's prefix
-                                                                    MLP) allocated and freed: 10.69 -> 1.38 ms
+                                                                    MLP) allocated and freed: 10.73 -> 0.78 ms
 
 On by default; MINPREFIX_REFERENCE=1 in the environment (or --reference on train.py, sample.py, eval.py) runs
 the reference alone, end to end.
@@ -604,5 +604,5 @@ def keep_freed_memory():
         return
     mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks under 32 MiB (glibc's ceiling for it) come from the heap
     mallopt(-4, 0)  # M_MMAP_MAX: and larger ones too. GPT-2 small's prefix MLP has 37.7 MB gradients, mapped anew
-    # each step otherwise, 9,218 page faults each: 10.69 against 1.38 ms a block (bench/profile_steps.py)
+    # each step otherwise, 9,217 page faults each: 10.73 against 0.78 ms a block (bench/profile_steps.py)
     mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of freed heap rather than trimming it
