@@ -19,8 +19,8 @@ rounds of each measurement, and each figure is the median of the 5 rounds' media
 """
 import argparse
 import os
-import subprocess
 import resource
+import subprocess
 import statistics
 import sys
 import time
@@ -101,17 +101,21 @@ def kind(name, shapes):
     return "everything else"
 
 
+def e2e_prompts(tok):  # -> the first 10 E2E test tables' prompts, padded on the left: idx (10, T), real (10, T)
+    tables = read_tables(os.path.join(REPO, "..", "shared", "data", "e2e", "test.txt.gz"), 10)
+    return pad_left([source_prompt(tok, t) for t, _ in tables])
+
+
 def beam(dtype_name):
     tok = Tokenizer()
-    tables = read_tables(os.path.join(REPO, "..", "shared", "data", "e2e", "test.txt.gz"), 10)
-    idx, real = pad_left([source_prompt(tok, t) for t, _ in tables])
+    idx, real = e2e_prompts(tok)
     model = fast.decoding_model(MODEL, dtype_name).requires_grad_(False)
     torch.manual_seed(0)
     prefix = build("kv", model, ["task"], tok, 5, True)
 
     def decode():
         with torch.no_grad():
-            run, cache = prefix.apply(model, torch.ones(len(tables), 1))
+            run, cache = prefix.apply(model, torch.ones(len(idx), 1))
             fast.beam_search(run, idx, 5, 40, kv_cache=cache, real=real, eot=None, banned=(198, 628))
     return decode
 
@@ -123,8 +127,7 @@ def bound(dtype_name):
     nothing but its products took time). The fast step (StaticKVCache.cpu_step), without the beams' choice. And
     the same step compiled: torch.compile (Inductor, freezing) of StaticKVCache.step on the plain model."""
     from minprefix.gpt2 import KVCache
-    tables = read_tables(os.path.join(REPO, "..", "shared", "data", "e2e", "test.txt.gz"), 10)
-    idx, _ = pad_left([source_prompt(Tokenizer(), t) for t, _ in tables])
+    idx, _ = e2e_prompts(Tokenizer())
     B, S = 50, 5 + idx.size(1)  # 5 prefix positions
     model = fast.decoding_model(MODEL, dtype_name).requires_grad_(False)
     plain = GPT2.from_pretrained(MODEL, dtype=model.dtype).requires_grad_(False)
@@ -288,8 +291,8 @@ def allocator():
     rows of ms and page faults per time (medians of the 50), and the training's peak resident memory (ru_maxrss)."""
     rows = ["| glibc's setting | a 37.7 MB gradient allocated, written and freed: ms | its page faults | 20 training "
             "steps: peak resident MB |", "|---|---|---|---|"]
+    run = lambda *a: subprocess.run([sys.executable, "-c", *a], capture_output=True, text=True, check=True).stdout
     for mode, what in (("default", "glibc's default: mapped anew each time"), ("heap", "keep_freed_memory: the heap")):
-        run = lambda *a: subprocess.run([sys.executable, "-c", *a], capture_output=True, text=True, check=True).stdout
         ms, faults = map(float, run(ALLOCATE, REPO, mode).split())
         peak = float(run(TRAIN_PEAK, REPO, mode, MODEL).split()[-1])
         rows.append(f"| {what} | {ms:.2f} | {faults:,.0f} | {peak:,.0f} |")
