@@ -25,8 +25,8 @@ Workloads:
                     every side does the same work), as eval.py --task e2e decodes: tables per minute
   train-real-gpt2-shape, beam-e2e-gpt2-shape
                     the same two on GPT-2-small-shaped random weights (what GPT-2 small itself would cost, which
-                    cannot be downloaded here), float32 against bfloat16: speed only (the loss of random weights
-                    says nothing, and is not reported)
+                    cannot be downloaded here), float32 against bfloat16 (and int8 for the beams): speed only
+                    (the loss of random weights says nothing, and is not reported)
 
 Every figure is the median over --rounds rounds with its min-max. Two limits beside them: the machine's memory
 bandwidth (the fastest of a few 1 GiB reads, same threads), which bounds batch-1 decoding (a step reads every
@@ -65,7 +65,7 @@ PLAN = {
                   "ct2-float32", "ct2-int8"],
     "beam-e2e": ["minprefix", "minprefix-bf16", "minprefix-int8", "minprefix-reference"],
     "train-real-gpt2-shape": ["minprefix", "minprefix-bf16"],
-    "beam-e2e-gpt2-shape": ["minprefix", "minprefix-bf16"],
+    "beam-e2e-gpt2-shape": ["minprefix", "minprefix-bf16", "minprefix-int8"],
 }
 DTYPE = {"bf16": "bfloat16", "int8": "int8"}
 
@@ -565,9 +565,9 @@ def report(runs, bw, peak, args, machine, versions, seconds):
         w = "beam-e2e"
         cells = [cell(w, s) for s in ("minprefix", "minprefix-bf16", "minprefix-int8", "minprefix-reference")]
         lines += ["| beam search, 10 E2E tables x 5 beams x 40 tokens, offline model (tables/min) | float32 | bfloat16 "
-                  "| int8 | reference path | bfloat16 / float32 |", "|---|---|---|---|---|---|",
+                  "| int8 | reference path | bfloat16 / float32 | int8 / float32 |", "|" + "---|" * 7,
                   "| eval.py --task e2e's decoding | " + " | ".join(cells)
-                  + f" | {ratio(w, 'minprefix-bf16', 'minprefix')} |", ""]
+                  + f" | {ratio(w, 'minprefix-bf16', 'minprefix')} | {ratio(w, 'minprefix-int8', 'minprefix')} |", ""]
     if "train-synthetic" in runs:
         w = "train-synthetic"
         lines += ["| training, GPT-2-small shape, B=2 x T=64, P=10, MLP (tok/s) | minprefix float32 | bfloat16 | "
@@ -582,10 +582,11 @@ def report(runs, bw, peak, args, machine, versions, seconds):
     if shaped:
         what = {"train-real-gpt2-shape": "one epoch of data/train.jsonl, batch 2, prefix 10 + MLP (text tok/s)",
                 "beam-e2e-gpt2-shape": "beam search, 10 E2E tables x 5 beams x 40 tokens (tables/min)"}
-        lines += ["| GPT-2-small shape, random weights: speed only | float32 | bfloat16 | bfloat16 / float32 |",
-                  "|---|---|---|---|"]
-        lines += [f"| {what[w]} | {cell(w, 'minprefix')} | {cell(w, 'minprefix-bf16')} | "
-                  f"{ratio(w, 'minprefix-bf16', 'minprefix')} |" for w in shaped]
+        lines += ["| GPT-2-small shape, random weights: speed only | float32 | bfloat16 | int8 | bfloat16 / float32 | "
+                  "int8 / float32 |", "|" + "---|" * 6]
+        lines += [f"| {what[w]} | {cell(w, 'minprefix')} | {cell(w, 'minprefix-bf16')} | {cell(w, 'minprefix-int8')} | "
+                  f"{ratio(w, 'minprefix-bf16', 'minprefix')} | "
+                  f"{ratio(w, 'minprefix-int8', 'minprefix') if 'minprefix-int8' in runs[w] else '-'} |" for w in shaped]
         lines.append("")
     for w, what in (("train-real", "prefix 10 + MLP"), ("train-lora", "LoRA r=4")):
         if w not in runs:

@@ -34,6 +34,7 @@ the reference alone, end to end.
 import ctypes
 import os
 import sys
+import warnings
 
 import torch
 import torch.nn as nn
@@ -132,48 +133,89 @@ def accelerate(model):
     return model
 
 
+def cpu_has(*flags):
+    """True where /proc/cpuinfo lists any of these flags, False where it lists none, None where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return bool(set(f.read().split()) & set(flags))
+    except OSError:
+        return None
+
+
+def cpu_has_bfloat16():  # bfloat16 dot-product units: x86 avx512_bf16 or amx_bf16, Arm bf16
+    return cpu_has("avx512_bf16", "amx_bf16", "bf16")
+
+
 class Int8Linear(nn.Module):
-    """Replaces nn.Linear for decoding in int8 (sample.py / eval.py --dtype int8): the weight rounded to int8 per
-    output row, w ~ q * scale with |q| <= 127, and the products in PyTorch's int8 weight-only kernel against
-    bfloat16 activations. A batch-1 step reads a quarter of float32's bytes: GPT-2 small's linear layers 9.6 ms
-    a step against 21 in float32 (2 threads). No gradients: decoding only."""
+    """Replaces nn.Linear for decoding in int8 (sample.py / eval.py --dtype int8) in a float32 model: the weight
+    rounded to int8 per output row, w ~ q * scale with |q| <= 127, and no gradients. A batch-1 step reads a quarter
+    of float32's bytes. Two kernels, the first where PyTorch has it:
+
+    int8 x int8        fbgemm (PyTorch's x86 quantized engine) on the weight packed once into its layout: each
+                       product rounds its input rows to uint8 on the fly (one scale for the whole input, from its
+                       min and max), multiplies int8 by int8 (VNNI) and rescales to float32, as CTranslate2's
+                       int8 does. GPT-2 small's lm_head, one row: 1.2 ms against 3.5 for the kernel below.
+    int8 weight only   PyTorch's _weight_int8pack_mm: the weight converted to float as it is read, the input
+                       exact; compute-bound at one row on this CPU. Where fbgemm is missing (not x86) or refuses
+                       the weight.
+    The input rounding costs about 1% of each product (tests/test_fast.py); greedy agreement and E2E scores by
+    dtype in the README."""
 
     def __init__(self, linear):
         super().__init__()
         w = linear.weight.detach().float()
-        scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).to(torch.bfloat16)  # the scale the kernel will use
-        q = (w / scale.float()[:, None]).round().clamp(-127, 127).to(torch.int8)
-        self.register_buffer("weight_int8", q.contiguous())  # (out, in), as the kernel reads it
+        scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+        q = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)  # (out, in)
         self.register_buffer("scale", scale)
-        self.bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16)
+        self.bias = None if linear.bias is None else linear.bias.detach().float()
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.packed = int8_packed(q, scale, self.bias)  # fbgemm's copy of q; None where it has none
+        if self.packed is None:
+            self.register_buffer("weight_int8", q.contiguous())  # (out, in), as _weight_int8pack_mm reads it
 
-    def forward(self, x):  # x (..., in) -> (..., out), in x's dtype
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features).to(torch.bfloat16),
-                                                self.weight_int8, self.scale)
-        y = y if self.bias is None else y + self.bias
-        return y.view(*x.shape[:-1], -1).to(x.dtype)
+    def forward(self, x):  # x (..., in) float32 -> (..., out) float32
+        x2 = x.reshape(-1, self.in_features)
+        if self.packed is not None:
+            y = torch.ops.quantized.linear_dynamic(x2, self.packed, REDUCE_RANGE)  # the bias added in float32
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight_int8, self.scale)
+            y = y if self.bias is None else y + self.bias
+        return y.view(*x.shape[:-1], -1)
+
+    def rounded_weight(self):  # -> q (out, in) int8, whichever kernel holds it
+        if self.packed is None:
+            return self.weight_int8
+        return torch.ops.quantized.linear_unpack(self.packed)[0].int_repr()
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.bfloat16}
+# Without VNNI, fbgemm sums pairs of uint8 x int8 products in int16 (vpmaddubsw), which 8-bit inputs can overflow:
+# there the input is rounded to 7 bits (twice the rounding error), as PyTorch's own x86 quantization does.
+REDUCE_RANGE = cpu_has("avx512_vnni", "avx_vnni", "amx_int8") is not True
 
 
-def cpu_has_bfloat16():
-    """True where the CPU has bfloat16 dot-product units (x86: avx512_bf16 or amx_bf16; Arm: bf16), False where
-    it has none, None where this cannot be read (no /proc/cpuinfo)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(f.read().split())
-    except OSError:
+def int8_packed(q, scale, bias):
+    """q (out, in) int8 and its per-row scale -> fbgemm's packed weight for torch.ops.quantized.linear_dynamic, or
+    None where PyTorch's x86 quantized engine is missing or refuses it. PyTorch 2.13 warns that its quantized tensor
+    type, through which the weight is packed, is deprecated (pytorch/pytorch#184982): the warning is kept quiet here
+    and the weight-only kernel is the fallback the day it goes."""
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
         return None
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            qw = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros(len(q), dtype=torch.long), 0)
+            return torch.ops.quantized.linear_prepack(qw, bias)
+    except (RuntimeError, AttributeError):
+        return None
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.float32}
 
 
 def half_precision_note(dtype, device):
-    """A warning to print where bfloat16 (or int8, whose products run in bfloat16) will not pay, else None. Without
-    the units oneDNN converts each product to float32 and back: the numbers are the same, the speed often below
-    float32's."""
-    if dtype not in ("bfloat16", "int8") or torch.device(device).type != "cpu" or cpu_has_bfloat16() is not False:
+    """A warning to print where bfloat16 will not pay, else None. Without the units oneDNN converts each product to
+    float32 and back: the numbers are the same, the speed often below float32's."""
+    if dtype != "bfloat16" or torch.device(device).type != "cpu" or cpu_has_bfloat16() is not False:
         return None
     return (f"warning: this CPU has no bfloat16 dot-product units (no avx512_bf16, amx_bf16 or bf16 in "
             f"/proc/cpuinfo): --dtype {dtype} runs, with the same results, but its products are converted to float32 "
@@ -200,10 +242,10 @@ def decoding_model(name_or_path, dtype="float32", device="auto"):
 
 
 def quantize_int8(model):
-    """Every linear layer of a bfloat16 model (the lm_head too; wte stays bfloat16 for the embedding lookups) ->
+    """Every linear layer of a float32 model (the lm_head too; wte stays float32 for the embedding lookups) ->
     Int8Linear, in place. CPU only."""
-    if model.device.type != "cpu" or model.dtype != torch.bfloat16:
-        raise ValueError(f"int8 decoding runs a bfloat16 model on a CPU, not a {model.dtype} one on {model.device}")
+    if model.device.type != "cpu" or model.dtype != torch.float32:
+        raise ValueError(f"int8 decoding runs a float32 model on a CPU, not a {model.dtype} one on {model.device}")
     for parent in list(model.modules()):
         for name, child in parent.named_children():
             if isinstance(child, nn.Linear):

@@ -209,17 +209,17 @@ def test_half_precision_model_float32_pairs(offline_model_dir):
 
 def test_an_int8_model_runs_the_lora_unmerged(offline_model_dir):
     """--dtype int8: fast.Int8Linear has no float weight to merge a change into, so the pairs run beside it,
-    unmerged; its logits follow the same LoRA merged into the bfloat16 model's weights, and not the int8 model's
+    unmerged; its logits follow the same LoRA merged into the float32 model's weights, and not the int8 model's
     own."""
-    bf16 = fast.decoding_model(offline_model_dir, "bfloat16")
+    full = fast.decoding_model(offline_model_dir, "float32")
     q8 = fast.decoding_model(offline_model_dir, "int8")
-    lora = random_lora(bf16, ("q", "v", "mlp.c_fc"))
+    lora = random_lora(full, ("q", "v", "mlp.c_fc"))
     weights = label_weights(2, alpha=0.3)
     idx = tokens()[:1]
     with torch.no_grad():
         run8, cache = lora.apply(q8, weights)
         assert cache is None and type(run8.h[0].attn.c_attn).__name__ == "LoRALinear"
-        want = lora.apply(bf16, weights)[0](idx).float()
+        want = lora.apply(full, weights)[0](idx).float()
         got, plain = run8(idx).float(), q8(idx).float()
     assert (got - want).abs().max() < 0.5 * (plain - want).abs().max()
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.8
