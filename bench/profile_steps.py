@@ -10,7 +10,8 @@ rounds of each measurement, and each figure is the median of the 5 rounds' media
              self time per step by kind of operator
   bound      a beam step's products alone (the most bfloat16 could gain if nothing else took time), the fast
              step, and the same step compiled by torch.compile (Inductor), float32 against bfloat16
-  pieces     fast.py's small pieces against what they replace, alone, on a beam step's or a training step's shapes;
+  pieces     fast.py's small pieces against what they replace, alone, on a beam step's or a training step's shapes
+             (and int8's products on GPT-2 small's lm_head, one row and 50);
              and the allocator: a GPT-2-small prefix gradient's block allocated and freed, glibc's way and ours,
              and a training run's peak memory each way
 
@@ -232,6 +233,14 @@ def pieces():
     x = torch.randn(50, 1, 768).bfloat16()
     pairs.append(("c_fc and GELU, 50 rows, 768 -> 3072, bfloat16: F.gelu(DecodeLinear), fast.linear_gelu",
                   no_grad(lambda: F.gelu(c_fc(x), approximate="tanh")), no_grad(lambda: fast.linear_gelu(c_fc, x))))
+    lm_head = fast.Int8Linear(nn.Linear(768, 50257, bias=False))  # GPT-2 small's, int8 x int8 through fbgemm
+    q8, scale = lm_head.rounded_weight(), lm_head.scale
+    for n in (1, 50):
+        h = torch.randn(n, 768)
+        pairs.append((f"GPT-2 small's lm_head in int8, {n} row{'s' * (n > 1)}: the weight alone int8 "
+                      f"(torch._weight_int8pack_mm, the input bfloat16), int8 x int8 (fbgemm, Int8Linear)",
+                      lambda h=h: torch.ops.aten._weight_int8pack_mm(h.bfloat16(), q8, scale.bfloat16()),
+                      no_grad(lambda h=h: lm_head(h))))
     rows = []
     for what, ref, new in pairs:
         a, b = [], []
@@ -271,7 +280,7 @@ print(statistics.median(times) * 1e3, statistics.median(faults))
 
 
 TRAIN_PEAK = """
-import resource, sys, torch
+import sys, torch
 sys.path[:0] = [sys.argv[1], sys.argv[1] + "/bench"]
 import profile_steps
 from minprefix import fast
@@ -281,14 +290,14 @@ profile_steps.MODEL = sys.argv[3]
 step = profile_steps.training(torch.bfloat16)["whole step"]
 for _ in range(20):
     step()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-"""
+print(next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024)
+"""  # VmHWM, not ru_maxrss: Linux carries the parent's resident size at the fork over into a child's ru_maxrss
 
 
 def allocator():
     """A 37.7 MB block allocated, written and freed 50 times, and 20 bfloat16 training steps (as above) on MODEL, in
     a child process for each setting (glibc keeps a freed heap block, so the two cannot share a process): -> table
-    rows of ms and page faults per time (medians of the 50), and the training's peak resident memory (ru_maxrss)."""
+    rows of ms and page faults per time (medians of the 50), and the training's peak resident memory (VmHWM)."""
     rows = ["| glibc's setting | a 37.7 MB gradient allocated, written and freed: ms | its page faults | 20 training "
             "steps: peak resident MB |", "|---|---|---|---|"]
     run = lambda *a: subprocess.run([sys.executable, "-c", *a], capture_output=True, text=True, check=True).stdout

@@ -4,7 +4,7 @@ and is held to the reference by tests/test_fast.py.
 
   piece                 replaces                                    gain measured
   DecodeLinear and      nn.Linear while decoding on a CPU           GPT-2-small-shaped sampling at batch 1:
-  accelerate()                                                      20.0 -> 46.2 tok/s; batch 8: 84.1 -> 204.9
+  accelerate()                                                      20.8 -> 50.8 tok/s; batch 8: 89.2 -> 207.1
   stream / generate     generate.stream and KVCache: a static       (in the row above); in half precision the
   StaticKVCache         cache written in place, the prompt's        whole buffers: bfloat16 attention alone,
                         logits at its last position only; in half   GPT-2 small's shapes, 50 rows: 1.43 -> 0.49
@@ -13,16 +13,17 @@ and is held to the reference by tests/test_fast.py.
                         CUDA graph
   linear_gelu           F.gelu(c_fc(x)) while decoding              GPT-2 small's c_fc, 50 rows: 0.76 -> 0.63 ms
   beam_search,          beam.CacheSteps and beam.best_pairs         E2E beam search (10 tables x 5 beams):
-  StaticSteps,                                                      240.8 -> 469.7 tables/min (3 rounds)
+  StaticSteps,                                                      241.4 -> 471.1 tables/min (3 rounds)
   best_pairs, top_k,                                                alone: top_k 4.9x torch.topk, logsumexp
   logsumexp                                                         1.5-1.6x torch.logsumexp (profile_steps.py)
-  Int8Linear            nn.Linear while decoding (--dtype int8)     batch 1: 53.4 tok/s against float32's 46.2
+  Int8Linear            nn.Linear while decoding (--dtype int8)     batch 1: 96.5 tok/s against float32's 50.8,
+                                                                    CTranslate2 int8's 48.9; batch 8: 467.9
   FloatAttention,       CausalSelfAttention's attention in          a training step's attention 0.82 -> 0.33 ms,
   attend                bfloat16 / float16 on a CPU                 a beam step's 0.93 -> 0.29 (one thread)
-  lm_loss (LMHeadLoss)  trainer.lm_loss, trainer.token_nll: no      offline model's training: float32 1.28x the
-  token_nll             (N, V) logits; bfloat16 products            reference; bfloat16 1.43x float32 (medians
-                                                                    of 3 rounds; 1.47x round by round); GPT-2
-                                                                    small's shape 2.12x
+  lm_loss (LMHeadLoss)  trainer.lm_loss, trainer.token_nll: no      offline model's training: float32 1.05x the
+  token_nll             (N, V) logits; bfloat16 products            reference (within the noise); bfloat16 1.57x
+                                                                    float32 (medians of 3 rounds, and round by
+                                                                    round); GPT-2 small's shape 2.13x
   HalfPrefixMLP         prefix.PrefixMLP's forward in a bfloat16    one label's MLP, forward and backward:
                         training step                               3.81 -> 2.30 ms (profile_steps.py)
   keep_freed_memory     glibc's malloc defaults                     a 37.7 MB gradient (GPT-2 small's prefix
@@ -155,16 +156,17 @@ class Int8Linear(nn.Module):
                        product rounds its input rows to uint8 on the fly (one scale for the whole input, from its
                        min and max), multiplies int8 by int8 (VNNI) and rescales to float32, as CTranslate2's
                        int8 does. GPT-2 small's lm_head, one row: 1.2 ms against 3.5 for the kernel below.
-    int8 weight only   PyTorch's _weight_int8pack_mm: the weight converted to float as it is read, the input
-                       exact; compute-bound at one row on this CPU. Where fbgemm is missing (not x86) or refuses
-                       the weight.
+    int8 weight only   PyTorch's _weight_int8pack_mm on the input in bfloat16 (its only fast input: in float32
+                       it is 14x slower at one row, 150x at 50, profile_steps.py --only pieces), the weight
+                       converted as it is read; compute-bound at one row on this CPU. Where fbgemm is missing
+                       (not x86) or refuses the weight.
     The input rounding costs about 1% of each product (tests/test_fast.py); greedy agreement and E2E scores by
     dtype in the README."""
 
     def __init__(self, linear):
         super().__init__()
         w = linear.weight.detach().float()
-        scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+        scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).bfloat16().float()  # exact in both kernels
         q = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)  # (out, in)
         self.register_buffer("scale", scale)
         self.bias = None if linear.bias is None else linear.bias.detach().float()
@@ -178,7 +180,7 @@ class Int8Linear(nn.Module):
         if self.packed is not None:
             y = torch.ops.quantized.linear_dynamic(x2, self.packed, REDUCE_RANGE)  # the bias added in float32
         else:
-            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight_int8, self.scale)
+            y = torch.ops.aten._weight_int8pack_mm(x2.bfloat16(), self.weight_int8, self.scale.bfloat16()).float()
             y = y if self.bias is None else y + self.bias
         return y.view(*x.shape[:-1], -1)
 
@@ -250,6 +252,7 @@ def quantize_int8(model):
         for name, child in parent.named_children():
             if isinstance(child, nn.Linear):
                 setattr(parent, name, Int8Linear(child))
+    release_freed_memory()  # the float32 weights just dropped: GPT-2 small's int8 model 770 -> 622 MB resident
     return model
 
 
@@ -631,6 +634,16 @@ class StaticKVCache:
 
 
 # ---- the process ----
+
+def release_freed_memory():
+    """Hand the heap's free memory back to the OS once (glibc's malloc_trim), where keep_freed_memory would keep it
+    for good: after a one-off drop, such as the float32 weights that int8 replaces. No-op where there is no glibc."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
 
 def keep_freed_memory():
     """Stop glibc's malloc from handing big freed blocks back to the OS. Each CPU training step frees and

@@ -361,11 +361,11 @@ def test_int8_linear_is_the_rounded_weight_times_its_scale(monkeypatch):
     """Int8Linear's product is x @ (q * scale)^T + b with q = round(w / scale), |q| <= 127, one scale per output
     row; so it is within half a step of the float weight's product. Each kernel: fbgemm's, whose rounding of the
     input to 8 bits (7 on a CPU without VNNI) costs about 1% (2%) of the product, and the weight-only fallback,
-    exact in its input."""
+    exact in its bfloat16 input."""
     torch.manual_seed(0)
     ref = torch.nn.Linear(768, 2304)
     x = torch.randn(3, 768)
-    for kernel, reduce_range, bound in (("fbgemm", False, 0.012), ("fbgemm", True, 0.024), ("weight only", 0, 1e-5)):
+    for kernel, reduce_range, bound in (("fbgemm", False, 0.012), ("fbgemm", True, 0.024), ("weight only", 0, 0.005)):
         monkeypatch.setattr(fast, "REDUCE_RANGE", reduce_range)
         if kernel == "weight only":
             monkeypatch.setattr(fast, "int8_packed", lambda *a: None)
@@ -376,7 +376,8 @@ def test_int8_linear_is_the_rounded_weight_times_its_scale(monkeypatch):
         w = q.float() * q8.scale[:, None]
         assert (w - ref.weight).abs().max() <= 0.51 * q8.scale.max()
         with torch.no_grad():
-            got, want = q8(x), x @ w.t() + ref.bias
+            got = q8(x)
+            want = (x.bfloat16().float() if kernel == "weight only" else x) @ w.t() + ref.bias
         assert got.dtype == torch.float32 and got.shape == (3, 2304)
         err = ((got - want).norm() / want.norm()).item()
         assert err < bound, f"{kernel}, reduce_range {reduce_range}: relative error {err:.4f}"
