@@ -7,15 +7,15 @@ and is held to the reference by tests/test_fast.py.
   accelerate()                                                      20.8 -> 50.8 tok/s; batch 8: 89.2 -> 207.1
   stream / generate     generate.stream and KVCache: a static       (in the row above); in half precision the
   StaticKVCache         cache written in place, the prompt's        whole buffers: bfloat16 attention alone,
-                        logits at its last position only; in half   GPT-2 small's shapes, 50 rows: 1.43 -> 0.49
+                        logits at its last position only; in half   GPT-2 small's shapes, 50 rows: 1.73 -> 0.84
                         precision attention over the whole          ms a layer (profile_steps.py --only pieces)
                         buffers; on a GPU each step replayed as a
                         CUDA graph
-  linear_gelu           F.gelu(c_fc(x)) while decoding              GPT-2 small's c_fc, 50 rows: 0.76 -> 0.63 ms
+  linear_gelu           F.gelu(c_fc(x)) while decoding              GPT-2 small's c_fc, 50 rows: 0.87 -> 0.74 ms
   beam_search,          beam.CacheSteps and beam.best_pairs         E2E beam search (10 tables x 5 beams):
   StaticSteps,                                                      241.4 -> 471.1 tables/min (3 rounds)
-  best_pairs, top_k,                                                alone: top_k 4.9x torch.topk, logsumexp
-  logsumexp                                                         1.5-1.6x torch.logsumexp (profile_steps.py)
+  best_pairs, top_k,                                                alone: top_k 3.1x torch.topk, logsumexp
+  logsumexp                                                         1.2-1.3x torch.logsumexp (profile_steps.py)
   Int8Linear            nn.Linear while decoding (--dtype int8)     batch 1: 96.5 tok/s against float32's 50.8,
                                                                     CTranslate2 int8's 48.9; batch 8: 467.9
   FloatAttention,       CausalSelfAttention's attention in          a training step's attention 0.82 -> 0.33 ms,
@@ -25,9 +25,9 @@ and is held to the reference by tests/test_fast.py.
                                                                     float32 (medians of 3 rounds, and round by
                                                                     round); GPT-2 small's shape 2.13x
   HalfPrefixMLP         prefix.PrefixMLP's forward in a bfloat16    one label's MLP, forward and backward:
-                        training step                               3.81 -> 2.30 ms (profile_steps.py)
+                        training step                               5.09 -> 2.85 ms (profile_steps.py)
   keep_freed_memory     glibc's malloc defaults                     a 37.7 MB gradient (GPT-2 small's prefix
-                                                                    MLP) allocated and freed: 10.73 -> 0.78 ms
+                                                                    MLP) allocated and freed: 10.46 -> 1.32 ms
 
 On by default; MINPREFIX_REFERENCE=1 in the environment (or --reference on train.py, sample.py, eval.py) runs
 the reference alone, end to end.
@@ -114,7 +114,7 @@ class DecodeLinear(nn.Linear):
 
 def linear_gelu(linear, x):
     """F.gelu(linear(x), approximate="tanh"), GPT-2's MLP activation, fused into oneDNN's product where
-    DecodeLinear packs its weight (GPT-2 small's c_fc at 50 rows in bfloat16: 0.76 -> 0.63 ms, profile_steps.py)."""
+    DecodeLinear packs its weight (GPT-2 small's c_fc at 50 rows in bfloat16: 0.87 -> 0.74 ms, profile_steps.py)."""
     if isinstance(linear, DecodeLinear):
         return linear.forward(x, gelu=True)
     return F.gelu(linear(x), approximate="tanh")
@@ -155,11 +155,12 @@ class Int8Linear(nn.Module):
     int8 x int8        fbgemm (PyTorch's x86 quantized engine) on the weight packed once into its layout: each
                        product rounds its input rows to uint8 on the fly (one scale for the whole input, from its
                        min and max), multiplies int8 by int8 (VNNI) and rescales to float32, as CTranslate2's
-                       int8 does. GPT-2 small's lm_head, one row: 1.2 ms against 3.5 for the kernel below.
-    int8 weight only   PyTorch's _weight_int8pack_mm on the input in bfloat16 (its only fast input: in float32
-                       it is 14x slower at one row, 150x at 50, profile_steps.py --only pieces), the weight
-                       converted as it is read; compute-bound at one row on this CPU. Where fbgemm is missing
-                       (not x86) or refuses the weight.
+                       int8 does. GPT-2 small's lm_head: 1.2 ms against 3.1 for the kernel below at one row,
+                       8.3 against 49.5 at 50 (profile_steps.py --only pieces).
+    int8 weight only   PyTorch's _weight_int8pack_mm, the weight converted as it is read; compute-bound at one
+                       row on this CPU. Its input in bfloat16, its only fast one (on float32 it was another 6x
+                       slower at one row, 25x at 50: a development measurement). Where fbgemm is missing (not
+                       x86) or refuses the weight.
     The input rounding costs about 1% of each product (tests/test_fast.py); greedy agreement and E2E scores by
     dtype in the README."""
 
@@ -308,7 +309,7 @@ class HalfPrefixMLP(PrefixMLP):
     """PrefixMLP whose products run in bfloat16 in a training step, when the frozen model is in bfloat16 on a CPU:
     autocast's mixed precision, so the parameters, their gradients and AdamW stay float32 and each product casts
     its weight. The MLP's products have P rows (the prefix's positions), where MKL's float32 runs far below the
-    memory bandwidth; its forward and backward take about half the time in bfloat16 (2.30 against 3.81 ms a label
+    memory bandwidth; its forward and backward take about half the time in bfloat16 (2.85 against 5.09 ms a label
     at P=10, L*2*C=4096: bench/profile_steps.py). Its output goes to a bfloat16 model, which rounds it anyway.
     With gradients off (held-out passes, saving the table) it is PrefixMLP: what is saved is float32's product."""
 
@@ -383,8 +384,8 @@ def _online_softmax(h, wte, with_softmax_wte):
     return (m + s.log2()) / LOG2E, None if acc is None else acc / s
 
 
-LOG2E = 1.4426950408889634  # exp(x) = 2 ** (x log2(e)); on a CPU PyTorch's exp2 with the scaling takes 1.07 ms
-# over 50 x 50257 float32 logits against exp's 2.03 (bench/profile_steps.py)
+LOG2E = 1.4426950408889634  # exp(x) = 2 ** (x log2(e)); on a CPU PyTorch's exp2 with the scaling takes 0.89 ms
+# over 50 x 50257 float32 logits against exp's 1.51 (bench/profile_steps.py)
 
 
 def logsumexp(x):
@@ -483,8 +484,8 @@ def best_pairs(logits, scores, ban, k):
 
 
 def top_k(x, k, block=64):
-    """x (n, V) float32 -> x.topk(k) (values, indices; ties in any order), 4.9x faster over GPT-2's vocabulary (50
-    rows, k=10: 0.47 against 2.28 ms, bench/profile_steps.py). The k blocks of 64 with the largest maxima hold the
+    """x (n, V) float32 -> x.topk(k) (values, indices; ties in any order), 3.1x faster over GPT-2's vocabulary (50
+    rows, k=10: 0.78 against 2.37 ms, bench/profile_steps.py). The k blocks of 64 with the largest maxima hold the
     k largest values (a block holding one of them has a max at least the k-th largest, and at most k blocks can),
     so topk runs on the block maxima and then on those k blocks, plus the V % 64 values left over."""
     n, V = x.shape
@@ -588,7 +589,7 @@ class StaticKVCache:
         self.real[:, n] = True
         # In half precision PyTorch's CPU bmm copies a slice of the buffers (not contiguous) before multiplying:
         # attending over the whole buffers, the slots not written yet masked, is faster (GPT-2 small's shapes, 50
-        # rows: 1.43 -> 0.49 ms a layer, bench/profile_steps.py). float32's products read the slice as it is.
+        # rows: 1.73 -> 0.84 ms a layer, bench/profile_steps.py). float32's products read the slice as it is.
         whole = self.k[0].dtype != torch.float32
         end = self.real.size(1) if whole else n + 1
         mask = self.real[:, None, None, :end] if self.padded or whole else None
@@ -659,5 +660,5 @@ def keep_freed_memory():
         return
     mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks under 32 MiB (glibc's ceiling for it) come from the heap
     mallopt(-4, 0)  # M_MMAP_MAX: and larger ones too. GPT-2 small's prefix MLP has 37.7 MB gradients, mapped anew
-    # each step otherwise, 9,217 page faults each: 10.73 against 0.78 ms a block (bench/profile_steps.py)
+    # each step otherwise, 9,217 page faults each: 10.46 against 1.32 ms a block (bench/profile_steps.py)
     mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of freed heap rather than trimming it
