@@ -67,9 +67,7 @@ def parser():
                         "sample in all)")
     p.add_argument("--seed", type=int, help="(default: 0; not with --num-beams)")
     p.add_argument("--model", help="where the base model is, if not where the checkpoint says (a moved folder)")
-    p.add_argument("--dtype", default="float32", choices=list(fast.DTYPES), help="the model's weights; int8: "
-                   "int8 weights in a float32 model (fbgemm int8 x int8 products on x86), for decoding on a CPU "
-                   "(default: %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=list(fast.DTYPES), help=fast.DTYPE_HELP)
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available, else cpu)")
     p.add_argument("--reference", action="store_true", help="run the plain reference code only (minprefix/fast.py off)")
     return p

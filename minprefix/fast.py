@@ -213,6 +213,8 @@ def int8_packed(q, scale, bias):
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.float32}
+DTYPE_HELP = ("the model's weights; int8: int8 weights in a float32 model (fbgemm int8 x int8 products on x86), "
+              "for decoding on a CPU (default: %(default)s)")  # sample.py and eval.py's --dtype
 
 
 def half_precision_note(dtype, device):
