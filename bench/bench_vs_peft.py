@@ -1,6 +1,8 @@
 """minprefix against HF transformers + PEFT and CTranslate2, on one machine, in alternating rounds.
 
-Sides (each workload of each side in its own child process, so that its memory is its own):
+Sides (each workload of each side in its own process, so that its memory is its own; for sampling, every side's
+process stays up through all rounds and the sides decode in turns, one call each, so that minprefix and the
+CTranslate2 it is compared with run seconds apart, not minutes):
   minprefix            the default path (minprefix/fast.py on), float32; -bf16 / -int8: --dtype bfloat16 / int8
   minprefix-reference  MINPREFIX_REFERENCE=1: the plain reference code, float32
   hf                   HF GPT2LMHeadModel, the prefix handed over as its cache (a DynamicCache of the same keys
@@ -28,7 +30,8 @@ Workloads:
                     cannot be downloaded here), float32 against bfloat16 (and int8 for the beams): speed only
                     (the loss of random weights says nothing, and is not reported)
 
-Every figure is the median over --rounds rounds with its min-max. Two limits beside them: the machine's memory
+Every figure is the median over --rounds rounds with its min-max (a sampling round: 3 turns, its figure the median
+of its 3 decodings; minprefix / CTranslate2 also decoding by decoding, turn against turn). Two limits beside them: the machine's memory
 bandwidth (the fastest of a few 1 GiB reads, same threads), which bounds batch-1 decoding (a step reads every
 weight once), and its peak arithmetic (the fastest of a few large matrix products, float32 and bfloat16), which
 bounds training (4 multiply-adds per weight and position: the forward and the gradient of the input; a frozen
@@ -184,25 +187,72 @@ def peft_with_prefix(model, kv):
     return pm.eval()
 
 
-def sample_workload(side, folder, device, batch, repeats):
-    result = {}
+def sampler(side, folder, device):  # -> sample(batch, new_tokens): one side's decoding, loaded
     if side.startswith("minprefix"):
         from minprefix import fast
         model = fast.decoding_model(folder, side_dtype(side), device).requires_grad_(False)
-        sample = ours_sampler(model, device)
-    elif side.startswith("ct2"):
-        sample = ct2_sampler(folder, side.split("-", 1)[1], torch.get_num_threads())
-    else:
-        from transformers import GPT2LMHeadModel
-        hf = GPT2LMHeadModel.from_pretrained(folder, dtype=torch.float32).to(device).eval()
-        if side == "peft-generate":
-            sample = hf_sampler(hf, device, peft_model=peft_with_prefix(hf, prompt_and_prefix(device, hf.config, 1)[1]))
-        else:
-            sample = hf_sampler(hf, device)
+        return ours_sampler(model, device)
+    if side.startswith("ct2"):
+        return ct2_sampler(folder, side.split("-", 1)[1], torch.get_num_threads())
+    from transformers import GPT2LMHeadModel
+    hf = GPT2LMHeadModel.from_pretrained(folder, dtype=torch.float32).to(device).eval()
+    if side == "peft-generate":
+        return hf_sampler(hf, device, peft_model=peft_with_prefix(hf, prompt_and_prefix(device, hf.config, 1)[1]))
+    return hf_sampler(hf, device)
+
+
+def serve(side, workload, folder, device):
+    """A sampling side kept up for the whole bench: it loads, decodes once (first-use costs excluded), says
+    "ready", then times one decoding for each "time" read on stdin (printing tokens/s), until "done": then its
+    peak memory and greedy tokens. The parent calls every side's server in turn, call by call, so that the two
+    sides of a comparison decode seconds apart (this VM's memory bandwidth drifts between minutes)."""
+    batch = int(workload.split("-b")[1])
+    sample = sampler(side, folder, device)
     with Peak(device) as m:
-        dt = timed(lambda: sample(batch), device, repeats)  # the warm-up is a whole run: first-use costs excluded
-    result.update(tokens_per_s=batch * NEW_TOKENS / dt, peak_bytes=m.bytes, tokens=sample(1, 32)[0])
-    return result
+        sample(batch)
+        print("ready", flush=True)
+        for line in sys.stdin:
+            if line.strip() != "time":
+                break
+            dt = timed(lambda: sample(batch), device, 1, warm_up=lambda: None)
+            print(json.dumps({"tokens_per_s": batch * NEW_TOKENS / dt}), flush=True)
+    print(json.dumps({"peak_bytes": m.bytes, "tokens": sample(1, 32)[0]}), flush=True)
+
+
+def sampling_rounds(workload, sides, folder, args, rounds, calls=3):
+    """-> {side: [{tokens_per_s (median of the round's calls), calls, peak_bytes, tokens}] per round}. Every side's
+    server up at once; each round makes `calls` turns, one decoding per side per turn, in an order that keeps
+    minprefix beside the CTranslate2 it is compared with and reverses every turn."""
+    servers = {}
+    for side in sides:  # loaded one at a time, so that loading does not share the cores
+        env = dict(os.environ, MINPREFIX_REFERENCE="1" if side == "minprefix-reference" else "0")
+        servers[side] = subprocess.Popen([sys.executable, __file__, "--device", args.device, "--serve", side, workload,
+                                          folder], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        if servers[side].stdout.readline().strip() != "ready":
+            sys.exit(f"{side} {workload} failed to start (its error above)")
+    order = sorted(sides, key=lambda s: PAIRED.index(s) if s in PAIRED else len(PAIRED))
+    runs = {s: [] for s in sides}
+    for r in range(rounds):
+        got = {s: [] for s in sides}
+        for turn in range(calls):
+            for side in (order if (r * calls + turn) % 2 == 0 else order[::-1]):
+                time.sleep(0.2)  # the last side's OpenMP threads stop spinning
+                servers[side].stdin.write("time\n")
+                servers[side].stdin.flush()
+                line = servers[side].stdout.readline()
+                if not line:
+                    sys.exit(f"{side} {workload} failed (its error above)")
+                got[side].append(json.loads(line)["tokens_per_s"])
+        for side in sides:
+            runs[side].append({"tokens_per_s": statistics.median(got[side]), "calls": got[side]})
+            print(f"round {r + 1}/{rounds} {workload} {side}: {runs[side][-1]['tokens_per_s']:,.1f}", file=sys.stderr)
+    for side, server in servers.items():
+        out, _ = server.communicate("done\n")
+        runs[side][0].update(json.loads(out.strip().splitlines()[-1]))
+    return runs
+
+
+PAIRED = ["minprefix", "ct2-float32", "minprefix-int8", "ct2-int8", "minprefix-bf16"]  # neighbours in each turn
 
 
 def beam_workload(side, device, repeats, model_dir=OFFLINE):
@@ -378,7 +428,7 @@ def child(side, workload, folder, device, steps):
     elif workload == "beam-e2e-gpt2-shape":
         r = beam_workload(side, device, repeats=2, model_dir=folder)
     else:
-        r = sample_workload(side, folder, device, int(workload.split("-b")[1]), repeats=3)
+        raise ValueError(f"{workload} runs in a server (--serve), not a child")
     print(json.dumps(r))
 
 
@@ -465,11 +515,14 @@ def main():
     p.add_argument("--only", nargs="+", choices=list(PLAN), help="run these workloads only")
     p.add_argument("--out", help="JSON file to write (default: bench/results-<device>.json)")
     p.add_argument("--child", nargs=3, metavar=("SIDE", "WORKLOAD", "FOLDER"), help=argparse.SUPPRESS)
+    p.add_argument("--serve", nargs=3, metavar=("SIDE", "WORKLOAD", "FOLDER"), help=argparse.SUPPRESS)
     args = p.parse_args()
     cuda = args.device.startswith("cuda")
     steps = args.steps or (30 if cuda else 8)
     if args.child:
         return child(*args.child, args.device, steps)
+    if args.serve:
+        return serve(*args.serve, torch.device(args.device))
     if args.rounds < 1:
         p.error(f"--rounds must be at least 1, got {args.rounds}")
 
@@ -482,6 +535,8 @@ def main():
             for w, sides in PLAN.items() if not args.only or w in args.only}
     runs = {w: {s: [] for s in sides} for w, sides in plan.items()}
     bw, peak = [], []
+    for workload in [w for w in plan if w.startswith("sample-")]:  # every side up at once: see serve()
+        runs[workload] = sampling_rounds(workload, plan.pop(workload), folder, args, args.rounds)
     for r in range(args.rounds):
         if not cuda:
             bw.append(bandwidth())
@@ -521,6 +576,9 @@ def report(runs, bw, peak, args, machine, versions, seconds):
     # most, so their ratio round by round is steadier than the ratio of the medians: both are printed.
     ratio = lambda w, a, b: (f"**{med(w, a) / med(w, b):.2f}x** (medians); round by round "
                              + fmt_range([x / y for x, y in zip(tps(w, a), tps(w, b))], "{:.2f}x"))
+    # Sampling's sides decode in turns, seconds apart (sampling_rounds): their ratio decoding by decoding.
+    paired = lambda w, a, b: fmt_range([x / y for ra, rb in zip(runs[w][a], runs[w][b])
+                                        for x, y in zip(ra["calls"], rb["calls"])], "{:.2f}x")
     mb = lambda w, s: f"{statistics.median([x['peak_bytes'] for x in runs[w][s]]) / 2**20:,.0f}" \
         if s in runs.get(w, {}) else "-"
     lines = [f"minprefix vs HF transformers + PEFT and CTranslate2 on {args.device}: {machine}; {versions}; median "
@@ -555,9 +613,12 @@ def report(runs, bw, peak, args, machine, versions, seconds):
                         cells[i] += f" ({med(w, side) / (batch * limit * bytes_per):.0%} of the limit)"
             vs = "-"
             if "ct2-float32" in runs[w]:
-                vs = (f"**{med(w, 'minprefix') / med(w, 'ct2-float32'):.2f}x**; "
+                vs = (f"**{med(w, 'minprefix') / med(w, 'ct2-float32'):.2f}x** (call by call "
+                      f"{paired(w, 'minprefix', 'ct2-float32')}); "
                       + "; ".join(f"{med(w, s) / med(w, 'ct2-int8'):.2f}x" for s in ("minprefix-bf16", "minprefix-int8")
                                   if s in runs[w]))
+                if "minprefix-int8" in runs[w]:
+                    vs += f" (int8 call by call {paired(w, 'minprefix-int8', 'ct2-int8')})"
             lines.append(f"| batch {batch} | " + " | ".join(cells) + f" | **{med(w, 'minprefix') / med(w, 'hf'):.2f}x** "
                          f"| {vs} |")
         lines.append("")
