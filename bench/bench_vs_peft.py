@@ -223,13 +223,19 @@ def sampling_rounds(workload, sides, folder, args, rounds, calls=3):
     """-> {side: [{tokens_per_s (median of the round's calls), calls, peak_bytes, tokens}] per round}. Every side's
     server up at once; each round makes `calls` turns, one decoding per side per turn, in an order that keeps
     minprefix beside the CTranslate2 it is compared with and reverses every turn."""
-    servers = {}
+    servers, errors = {}, {}
+
+    def failed(side, what):
+        errors[side].seek(0)
+        sys.exit(f"{side} {workload} failed{what}:\n{errors[side].read()[-3000:]}")
     for side in sides:  # loaded one at a time, so that loading does not share the cores
         env = dict(os.environ, MINPREFIX_REFERENCE="1" if side == "minprefix-reference" else "0")
+        errors[side] = tempfile.TemporaryFile("w+")  # its warnings, shown only if it fails
         servers[side] = subprocess.Popen([sys.executable, __file__, "--device", args.device, "--serve", side, workload,
-                                          folder], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+                                          folder], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors[side],
+                                         text=True, env=env)
         if servers[side].stdout.readline().strip() != "ready":
-            sys.exit(f"{side} {workload} failed to start (its error above)")
+            failed(side, " to start")
     order = sorted(sides, key=lambda s: PAIRED.index(s) if s in PAIRED else len(PAIRED))
     runs = {s: [] for s in sides}
     for r in range(rounds):
@@ -241,7 +247,7 @@ def sampling_rounds(workload, sides, folder, args, rounds, calls=3):
                 servers[side].stdin.flush()
                 line = servers[side].stdout.readline()
                 if not line:
-                    sys.exit(f"{side} {workload} failed (its error above)")
+                    failed(side, "")
                 got[side].append(json.loads(line)["tokens_per_s"])
         for side in sides:
             runs[side].append({"tokens_per_s": statistics.median(got[side]), "calls": got[side]})
