@@ -30,12 +30,12 @@ Workloads:
                     cannot be downloaded here), float32 against bfloat16 (and int8 for the beams): speed only
                     (the loss of random weights says nothing, and is not reported)
 
-Every figure is the median over --rounds rounds with its min-max (a sampling round: 3 turns, its figure the median
-of its 3 decodings; minprefix / CTranslate2 also decoding by decoding, turn against turn). Two limits beside them: the machine's memory
-bandwidth (the fastest of a few 1 GiB reads, same threads), which bounds batch-1 decoding (a step reads every
-weight once), and its peak arithmetic (the fastest of a few large matrix products, float32 and bfloat16), which
-bounds training (4 multiply-adds per weight and position: the forward and the gradient of the input; a frozen
-model computes no weight gradients).
+Every figure is the median over --rounds rounds with its min-max (a sampling round: 3 turns, its figure the
+median of its 3 decodings; minprefix / CTranslate2 also decoding by decoding, turn against turn). Two limits
+beside them: the machine's memory bandwidth (the fastest of a few 1 GiB reads, same threads), which bounds
+batch-1 decoding (a step reads every weight once), and its peak arithmetic (the fastest of a few large matrix
+products, float32 and bfloat16), which bounds training (4 multiply-adds per weight and position: the forward and
+the gradient of the input; a frozen model computes no weight gradients).
 
   python bench/bench_vs_peft.py              # CPU, 3 rounds (about 40 min on 2 cores)
   python bench/bench_vs_peft.py --only sample-b1 sample-b8 --rounds 5
