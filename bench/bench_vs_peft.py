@@ -534,6 +534,9 @@ def main():
 
     import peft
     import transformers
+    if any(w not in ("sample-b1", "sample-b8", "train-synthetic") for w in (args.only or PLAN)):
+        from minprefix import Tokenizer
+        Tokenizer()  # the text workloads need GPT-2's BPE: fail now, not an hour in (offline: TIKTOKEN_CACHE_DIR)
     t0 = time.time()
     folder = tempfile.mkdtemp(prefix="bench-gpt2-")
     have_ct2 = make_weights(folder)
