@@ -638,14 +638,22 @@ class StaticKVCache:
 
 # ---- the process ----
 
+def glibc(name):
+    """-> glibc's function `name` through ctypes, or None where there is no glibc (not Linux, or another libc)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return getattr(ctypes.CDLL("libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
+
+
 def release_freed_memory():
     """Hand the heap's free memory back to the OS once (glibc's malloc_trim), where keep_freed_memory would keep it
     for good: after a one-off drop, such as the float32 weights that int8 replaces. No-op where there is no glibc."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
+    malloc_trim = glibc("malloc_trim")
+    if malloc_trim is not None:
+        malloc_trim(0)
 
 
 def keep_freed_memory():
@@ -654,11 +662,8 @@ def keep_freed_memory():
     zero it again. So every block comes from the heap, and the heap keeps what is freed. jemalloc and tcmalloc,
     which PyTorch CPU users often preload, behave like this by default.
     No-op where there is no glibc."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
+    mallopt = glibc("mallopt")
+    if mallopt is None:
         return
     mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks under 32 MiB (glibc's ceiling for it) come from the heap
     mallopt(-4, 0)  # M_MMAP_MAX: and larger ones too. GPT-2 small's prefix MLP has 37.7 MB gradients, mapped anew
