@@ -17,6 +17,24 @@ if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED / "tiktoken").is_dir():
     os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED / "tiktoken")
 
 
+def assert_near(actual, expected, rtol, what="values"):
+    """max |actual - expected| <= rtol * max |expected|: a float tolerance stated relative to the magnitude compared.
+
+    Where rounding is the only difference (the same products summed in another order: another kernel, batch size or
+    CPU, e.g. AVX-512 on AMD EPYC against AMX on Intel Xeon), float32 results differ by a few units of 2^-24 of the
+    sums' magnitude, growing with the length of the sums and the layers they pass through: seen up to ~2e-6 of the
+    logits' magnitude. A real defect (a wrong mask, a dropped bias, another label's prefix) moves the result by a
+    sizable fraction of it. Each call's rtol, and the comment beside it, says which it is and where the rounding
+    comes from."""
+    actual, expected = torch.as_tensor(actual).double(), torch.as_tensor(expected).double()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} against {tuple(expected.shape)}"
+    scale = expected.abs().max().item()
+    err = (actual - expected).abs().max().item()
+    print(f"{what}: max |difference| {err:.2e} = {err / scale if scale else float('inf'):.1e} of max |expected| "
+          f"{scale:.2e}")
+    assert err <= rtol * scale, f"{what}: max |difference| {err:.2e} > {rtol:g} x max |expected| {scale:.2e}"
+
+
 @pytest.fixture(scope="session")
 def offline_model_dir():
     if not (OFFLINE_MODEL / "model.safetensors").is_file():
