@@ -25,6 +25,7 @@ from minprefix.data import source_prompt
 from minprefix.e2e import DECODING
 from minprefix.beam import hypotheses
 from minprefix.generate import pad_left, stream
+from minprefix.guidance import ANCHORS, DEFAULT_ANCHOR, DEFAULT_STRENGTH, guide
 from minprefix.method import latest, load, read_meta
 from minprefix.prefix import DEFAULT_CHECKPOINT, label_weights
 
@@ -42,6 +43,14 @@ def parser():
     tone.add_argument("--sentiment", help="one label alone, e.g. positive")
     tone.add_argument("--weights", help="one weight per label, comma-separated, in the checkpoint's label order")
     p.add_argument("--extrapolate", action="store_true", help="allow --alpha outside [0, 1]")
+    p.add_argument("--guidance", type=float, help="strength of guidance at the logits: each sample decoded as an "
+                   "anchor and each label alone, its next token drawn from z_anchor + strength * (2 alpha - 1) * "
+                   "(z_positive - z_negative) (DExperts with the labels' prefixes as experts; minprefix/guidance.py); "
+                   f"0 for the K/V mix alone (default: {DEFAULT_STRENGTH:g} when sampling with two or more labels; "
+                   "not with --num-beams)")
+    p.add_argument("--guide-from", default=DEFAULT_ANCHOR, choices=ANCHORS, help="guidance's anchor: bare, the model "
+                   "without a prefix (DExperts' form: the labels' shared style cancels, the bare model's fluency "
+                   "stays), or mix, the K/V mix at alpha (default: %(default)s)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", default="", help="text to continue (default: none, a fresh text)")
     src.add_argument("--prompts-file", help="one prompt per line ('-': standard input; blank lines are skipped, and "
@@ -135,7 +144,7 @@ def main(argv=None):
     beams = args.num_beams > 1
     if beams:  # beam search is deterministic and picks its own tokens: refuse what it would silently ignore
         for flag, value in (("--temperature", args.temperature), ("--top-k", args.top_k), ("--top-p", args.top_p),
-                            ("--seed", args.seed), ("--stream", args.stream or None)):
+                            ("--seed", args.seed), ("--stream", args.stream or None), ("--guidance", args.guidance)):
             if value is not None:
                 p.error(f"{flag} does not apply to beam search (--num-beams {args.num_beams}), which is deterministic; "
                         f"drop {flag}, or sample with --num-beams 1")
@@ -146,6 +155,8 @@ def main(argv=None):
         for name, default in SAMPLING.items():
             if getattr(args, name) is None:
                 setattr(args, name, default)
+    if args.guidance is not None and args.guidance < 0:
+        p.error(f"--guidance must be >= 0 (0 is the K/V mix alone), got {args.guidance:g}")
     if args.n is None:
         args.n = 1 if args.prompts_file or beams else 3
     for flag, value in (("--n", args.n), ("--max-new-tokens", args.max_new_tokens), ("--batch-size", args.batch_size),
@@ -168,6 +179,13 @@ def main(argv=None):
     model = fast.decoding_model(args.model or meta["base_model"], args.dtype, args.device)
     method, meta = load(args.prefix, model)  # now checked against the base model
     weights, recorded = tone(p, args, meta, method.mixes)
+    if args.guidance is None:
+        args.guidance = DEFAULT_STRENGTH if method.mixes and len(meta["labels"]) > 1 and not beams else 0.0
+    elif args.guidance and not (method.mixes and len(meta["labels"]) > 1):
+        p.error(f"--guidance {args.guidance:g} combines the labels' logits; {args.prefix} has "
+                + (f"one label ({meta['labels'][0]})" if method.mixes else "no labels to mix") + ": drop --guidance")
+    if args.guidance:
+        recorded.update(guidance=args.guidance, guide_from=args.guide_from)
     prompts = read_prompts(args.prompts_file) if args.prompts_file else [(None, args.prompt)]
     if conditional and not all(q.strip() for _, q in prompts):
         p.error("this checkpoint writes text for a source (e.g. an E2E table): give it with --prompt or --prompts-file")
@@ -177,7 +195,9 @@ def main(argv=None):
     device = model.device
     tok = Tokenizer()
     mix = ", ".join(f"{w:g}*{l}" for w, l in zip(weights[0].tolist(), meta["labels"])) if method.mixes else "no mix"
-    print(f"# {meta['mode']} {args.prefix} on {model.name_or_path}: {mix}", flush=True)
+    print(f"# {meta['mode']} {args.prefix} on {model.name_or_path}: {mix}"
+          + (f", guidance {args.guidance:g} from "
+             + ("the bare model" if args.guide_from == "bare" else "the K/V mix") if args.guidance else ""), flush=True)
 
     n, one = args.n, beams  # with beams, each prompt is decoded once and gives its n best hypotheses
     rows = [(i, q) for i, (_, q) in enumerate(prompts) for _ in range(1 if one else n)]
@@ -190,7 +210,7 @@ def main(argv=None):
     for start in range(0, len(rows), batch_size):
         batch = list(range(start, min(start + batch_size, len(rows))))
         idx, real = pad_left([ids[r] for r in batch], device=device)
-        run, cache = method.apply(model, weights.to(device).repeat(len(batch), 1))  # one mix for every row
+        run, cache = guide(method, model, weights.to(device).repeat(len(batch), 1), args.guidance, args.guide_from)
         if beams:
             settings = dict(min_new_tokens=args.min_new_tokens if args.min_new_tokens is not None else
                             (DECODING["min_new_tokens"] if e2e else 0),

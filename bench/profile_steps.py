@@ -73,7 +73,7 @@ def training(dtype):
         opt.step()
 
     def head():
-        fast.LMHeadLoss.apply(h0, model.lm_head.weight, tg.flatten()).backward()
+        fast.LMHeadLoss.apply(h0, model.lm_head.weight, tg.flatten()).sum().backward()
 
     def blocks():
         _, cache = prefix.apply(model, w)

@@ -25,6 +25,7 @@ import torch
 
 from minprefix.generate import room
 from minprefix.gpt2 import KVCache
+from minprefix.guidance import Guided
 from minprefix.tokenizer import EOT
 
 DEAD = -1e9  # the score of a beam that is not there yet (HF's value)
@@ -50,6 +51,8 @@ def hypotheses(model, idx, num_beams=5, max_new_tokens=100, min_new_tokens=0, ba
     best_pairs) unless minprefix/fast.py gives faster ones."""
     if num_beams < 1:
         raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+    if isinstance(model, Guided):  # its rows would be reordered as beams
+        raise ValueError("guidance at the logits is for sampling: decode without guidance, or sample (num_beams=1)")
     B, T = idx.shape
     N = num_beams
     cache = KVCache() if kv_cache is None else kv_cache.copy()

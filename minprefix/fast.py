@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from minprefix.generate import beam_settings, check_sampling, collect, decode, room
 from minprefix.gpt2 import CausalSelfAttention, KVCache
+from minprefix.guidance import Guided
 from minprefix.prefix import PrefixMLP
 from minprefix.tokenizer import EOT
 
@@ -325,19 +326,21 @@ class HalfPrefixMLP(PrefixMLP):
 # ---- the loss (replaces trainer.lm_loss) ----
 
 class LMHeadLoss(torch.autograd.Function):
-    """cross_entropy(h @ wte.T, targets), targets of -100 ignored, without ever holding the (N, V) logits.
+    """cross_entropy(h @ wte.T, targets, reduction="none"), targets of -100 ignored (their loss 0), without ever
+    holding the (N, V) logits.
 
     One pass over the vocabulary in chunks keeps, per row, a running max m, s = sum_v exp(logit_v - m) and
     acc = sum_v exp(logit_v - m) * wte_v, rescaling all three when m grows (the online softmax of flash
-    attention). Then log sum_v exp(logit_v) = m + log s, and the gradient is there already:
-        d loss / d h   = (softmax @ wte - wte_y) / n = (acc / s - wte_y) / n
+    attention). Then log sum_v exp(logit_v) = m + log s, and the gradient is there already: for a row's loss l_i
+    with upstream gradient g_i (1/n for the mean, other weights in the contrastive loss)
+        d l_i / d h_i  = softmax_i @ wte - wte_y = acc / s - wte_y
     Only when wte itself is trained (fine-tuning) does backward take a second pass, for
-        d loss / d wte = (softmax^T @ h - onehot_y^T @ h) / n
+        d loss / d wte = sum_i g_i (softmax_i - onehot_y)^T h_i
     On a CPU 16 chunks stay in cache; on a GPU one chunk (16 would be 16 rounds of small kernels). Padding
     never enters the products."""
 
     @staticmethod
-    def forward(ctx, h, wte, targets):  # h (N, C), wte (V, C), targets (N,) -> scalar
+    def forward(ctx, h, wte, targets):  # h (N, C), wte (V, C), targets (N,) -> losses (N,), float32
         V = wte.size(0)
         bad = (targets != -100) & ((targets < 0) | (targets >= V))
         if bad.any():  # F.cross_entropy refuses these too; indexing wte with them would read a wrong row
@@ -346,22 +349,25 @@ class LMHeadLoss(torch.autograd.Function):
         h_kept, y = h[keep].float(), targets[keep]  # (n, C), (n,)
         lse, softmax_wte = _online_softmax(h_kept, wte, ctx.needs_input_grad[0])
         wte_y = wte[y].float()
-        dh_kept = None if softmax_wte is None else softmax_wte - wte_y  # n times d loss / d h
+        dh_kept = None if softmax_wte is None else softmax_wte - wte_y  # d loss_i / d h_i
         ctx.save_for_backward(h, wte, keep, y, lse, dh_kept)
-        return (lse[:, 0] - (h_kept * wte_y).sum(dim=-1)).mean()  # mean of -log softmax_y
+        out = torch.zeros(targets.shape, device=h.device)
+        out[keep] = lse[:, 0] - (h_kept * wte_y).sum(dim=-1)  # -log softmax_y
+        return out
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad):  # grad (N,): each row's upstream gradient
         h, wte, keep, y, lse, dh_kept = ctx.saved_tensors
-        scale = grad / y.numel()
+        g = grad[keep][:, None].float()  # (n, 1)
         dh = dwte = None
         if ctx.needs_input_grad[0]:
             dh = torch.zeros_like(h)
-            dh[keep] = (dh_kept * scale).to(h.dtype)
+            dh[keep] = (dh_kept * g).to(h.dtype)
         if ctx.needs_input_grad[1]:
             h_kept = h[keep].float()
-            parts = [(h_kept @ w.float().t() - lse).exp_().t() @ h_kept for w in wte.chunk(_chunks(h))]  # softmax^T h
-            dwte = (torch.cat(parts).index_add_(0, y, h_kept, alpha=-1.0) * scale).to(wte.dtype)
+            gh = h_kept * g
+            parts = [(h_kept @ w.float().t() - lse).exp_().t() @ gh for w in wte.chunk(_chunks(h))]  # softmax^T (g h)
+            dwte = torch.cat(parts).index_add_(0, y, gh, alpha=-1.0).to(wte.dtype)
         return dh, dwte, None
 
 
@@ -406,21 +412,15 @@ def _chunks(h):
 def lm_loss(model, idx, targets, kv_cache=None):
     """Replaces trainer.lm_loss: the same mean cross-entropy of targets (-100 ignored) given the cache."""
     h = model.hidden(model.wte(idx), kv_cache)  # (B, T, C)
-    return LMHeadLoss.apply(h.flatten(0, 1), model.lm_head.weight, targets.flatten())
+    flat = targets.flatten()
+    return LMHeadLoss.apply(h.flatten(0, 1), model.lm_head.weight, flat).sum() / (flat != -100).sum()
 
 
-@torch.no_grad()
 def token_nll(model, idx, targets, kv_cache=None):
     """Replaces trainer.token_nll: the same per-token losses (B, T), 0 where the target is -100, without the
-    (B, T, V) logits (the held-out pass scores every text under every label)."""
-    h = model.hidden(model.wte(idx), kv_cache).flatten(0, 1)  # (B*T, C)
-    flat = targets.flatten()
-    keep = (flat != -100).nonzero()[:, 0]
-    h_kept, wte = h[keep].float(), model.lm_head.weight
-    lse, _ = _online_softmax(h_kept, wte, False)
-    out = torch.zeros(flat.shape, device=h.device)
-    out[keep] = lse[:, 0] - (h_kept * wte[flat[keep]].float()).sum(dim=-1)
-    return out.view_as(targets)
+    (B, T, V) logits (the held-out pass scores every text under every label; the contrastive loss trains on them)."""
+    h = model.hidden(model.wte(idx), kv_cache)  # (B, T, C)
+    return LMHeadLoss.apply(h.flatten(0, 1), model.lm_head.weight, targets.flatten()).view_as(targets)
 
 
 # ---- decoding (replaces generate.stream) ----
@@ -436,6 +436,9 @@ def stream(model, idx, max_new_tokens=50, kv_cache=None, real=None, temperature=
     n = room(model, cache, idx, real, max_new_tokens)
     if n == 0:
         return
+    guided = model if isinstance(model, Guided) else None  # guidance: its rows decoded here, in one batch
+    if guided is not None:
+        model, idx, real = guided.model, guided.expand(idx), None if real is None else guided.expand(real)
     logits = model.lm_head(model.hidden(model.wte(idx), cache, real)[:, -1])  # (B, V)
     graph = idx.is_cuda if cuda_graph is None else cuda_graph
     if graph and n > 1:
@@ -445,6 +448,9 @@ def stream(model, idx, max_new_tokens=50, kv_cache=None, real=None, temperature=
         step = lambda x: static.cpu_step(model, x)
     else:
         step = lambda x: model.lm_head(model.hidden(model.wte(x), cache)[:, -1])
+    if guided is not None:
+        logits, rows = guided.combine(logits), step
+        step = lambda x: guided.combine(rows(guided.expand(x)))
     yield from decode(logits, step, n, temperature, top_k, top_p, eot, seed)
 
 

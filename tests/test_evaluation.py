@@ -46,6 +46,7 @@ def test_perplexity_is_exp_of_the_mean_continuation_loss(offline_model):
 
 class WordJudge:
     """A stand-in for VADER: +1 for each 'good', -1 for each 'bad', clipped to [-1, 1]."""
+    name = "VADER"
 
     def score(self, text):
         return max(-1.0, min(1.0, text.count("good") - text.count("bad")))
@@ -71,6 +72,8 @@ def test_vader_gap_and_accuracies_follow_the_judge(offline_model, monkeypatch):
     assert row["acc_intended"] == 1.0 and row["acc_flipped"] == 1.0 and row["vader_gap"] == pytest.approx(2.0)
     assert row["n_generations"] == 6 and row["acc_intended_ci"][0] > 0.5
     assert row["alpha_sweep"][1.0] == 1.0 and row["alpha_sweep"][0.0] == -1.0  # alpha 1 is all positive prefix
+    ends = row["neutral"]["VADER"]  # from the neutral prompts: every alpha-1 text positive, every alpha-0 negative
+    assert ends["positive"] == 1.0 and ends["negative"] == 1.0 and ends["positive_ci"][0] > 0.6
 
 
 def test_wilson_interval():
