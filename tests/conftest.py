@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MINPREFIX_SHARED", REPO.parent / "shared"))
+EOT = 50256  # <|endoftext|> in GPT-2's vocabulary: the offline model's, and the HF models' made here
 # .ci/run points this at ../shared/models/imdb-gpt2-19m: a small GPT-2-architecture LM, NOT GPT-2
 OFFLINE_MODEL = Path(os.environ.get("MINPREFIX_TEST_MODEL", SHARED / "models" / "imdb-gpt2-19m"))
 # tiktoken's GPT-2 BPE, offline: ../shared/tiktoken where it exists and nothing else was set (the scripts the tests
