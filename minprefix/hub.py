@@ -49,10 +49,10 @@ def _locate(name_or_path):  # -> (a local folder, None) or (None, a hub reposito
     return None, repo
 
 
-def model_files(name_or_path, names, cache_dir=None):
+def model_files(name_or_path, names, cache_dir=None, download=True):
     """-> ({file name: path} of those of `names` the model has, where they are, its hub repository or None for a
-    folder). A folder: the files in it. A hub repository: each file from the hub cache, else from the hub until it
-    proves unreachable (then those not cached are left out)."""
+    folder). A folder: the files in it. A hub repository: each file from the hub cache, else (download) from the hub
+    until it proves unreachable (then those not cached are left out)."""
     folder, repo = _locate(name_or_path)
     if folder is not None:
         return {n: str(folder / n) for n in names if (folder / n).is_file()}, str(folder), None
@@ -61,7 +61,7 @@ def model_files(name_or_path, names, cache_dir=None):
         cached = try_to_load_from_cache(repo, name, cache_dir=cache_dir)
         if isinstance(cached, str):
             found[name] = cached
-        elif cached is None and online:  # not known in the cache either way: ask the hub
+        elif cached is None and online and download:  # not known in the cache either way: ask the hub
             try:
                 found[name] = hf_hub_download(repo, name, cache_dir=cache_dir)
             except LocalEntryNotFoundError:  # no network, or HF_HUB_OFFLINE: stop asking

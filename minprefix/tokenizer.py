@@ -62,15 +62,32 @@ class Tokenizer:
     def for_model(cls, name_or_path, cache_dir=None):
         """The tokenizer of a hub name or a local model folder: its byte-level BPE files (tokenizer.json, else
         vocab.json + merges.txt) and its end-of-text id (config.json's eos_token_id, else the eos_token its
-        tokenizer_config.json or special_tokens_map.json names, else GPT-2's <|endoftext|>). Without tokenizer
-        files: GPT-2's BPE from tiktoken's cache (a folder, or a GPT-2 hub name whose files are not cached and the
-        hub unreachable). Refuses a tokenizer of another kind, and one that writes ids past the model's
-        vocab_size (a model's vocab_size may be larger: the rows past the tokenizer's are never written)."""
+        tokenizer_config.json or special_tokens_map.json names, else GPT-2's <|endoftext|>). Refuses a tokenizer
+        of another kind, and one that writes ids past the model's vocab_size (a model's vocab_size may be larger:
+        the rows past the tokenizer's are never written).
+
+        A hub repository's files come from the hub cache, else the hub. Without tokenizer files, GPT-2's BPE from
+        tiktoken's cache: for a folder, and for GPT-2's own hub names, where it is tried before the hub (it is the
+        same BPE, token for token, and offline the hub would be waited for)."""
         from minprefix.hub import HUB_REPOS, model_files
-        found, where, repo = model_files(name_or_path, FILES + tuple(OTHER_KINDS) + ("config.json",), cache_dir)
+        names = FILES + tuple(OTHER_KINDS) + ("config.json",)
+        found, where, repo = model_files(name_or_path, names, cache_dir, download=False)
+        has_bpe = lambda files: "tokenizer.json" in files or ("vocab.json" in files and "merges.txt" in files)
+        gpt2 = None
+        if repo is not None and not has_bpe(found):
+            if repo in HUB_REPOS.values():
+                try:
+                    gpt2 = cls(source=f"GPT-2's BPE (tiktoken's gpt2 encoding): {repo}'s tokenizer files are not in "
+                                      f"the hub cache")
+                except OSError:
+                    pass
+            if gpt2 is None:
+                found, where, repo = model_files(name_or_path, names, cache_dir)
         config = json.loads(Path(found["config.json"]).read_text()) if "config.json" in found else {}
-        if "tokenizer.json" in found or ("vocab.json" in found and "merges.txt" in found):
+        if has_bpe(found):
             tok = read_bpe({k: Path(v) for k, v in found.items() if k in FILES}, config, where)
+        elif gpt2 is not None:
+            tok = gpt2
         else:
             kinds = [f"{name}, {OTHER_KINDS[name]}" for name in OTHER_KINDS if name in found]
             if kinds:

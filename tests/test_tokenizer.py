@@ -171,8 +171,11 @@ def test_a_folder_without_tokenizer_files_takes_gpt2s(tmp_path):
 
 def test_hub_names_read_the_hub_cache_and_fall_back_offline(tmp_path, monkeypatch, gpt2_bpe_files):
     """A hub repository's tokenizer files come from the hub cache (as its weights do); offline with none cached, a
-    GPT-2 name falls back to tiktoken's gpt2 encoding and another repository is refused with what to do."""
+    GPT-2 name falls back to tiktoken's gpt2 encoding and another repository is refused with what to do; gpt2's
+    files in the hub cache need no tiktoken cache."""
+    import tiktoken
     from huggingface_hub import constants
+    reference_gpt2 = tiktoken.get_encoding("gpt2")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     snapshot = tmp_path / "hub" / "models--someone--tiny-german" / "snapshots" / ("0" * 40)
@@ -183,10 +186,27 @@ def test_hub_names_read_the_hub_cache_and_fall_back_offline(tmp_path, monkeypatc
     assert tok.eot == 1 and tok.encode(MULTI_SCRIPT) == reference.encode(MULTI_SCRIPT)
     assert "someone/tiny-german" in tok.source
     gpt2 = Tokenizer.for_model("gpt2")
-    assert gpt2.eot == 50256 and "openai-community/gpt2 has no tokenizer files" in gpt2.source
+    assert gpt2.eot == 50256 and "openai-community/gpt2's tokenizer files are not in the hub cache" in gpt2.source
     with pytest.raises(OSError, match=r"someone/other: no tokenizer files .* in the hub cache, and the hub is "
                                       r"unreachable: run once on a machine with internet"):
         Tokenizer.for_model("someone/other")
+    # without tiktoken's cache either, the error says what to set; with gpt2's files in the hub cache, no need
+
+    def no_network(name):
+        raise ConnectionError("no network")
+    monkeypatch.setattr(tiktoken, "get_encoding", no_network)
+    with pytest.raises(OSError, match=r"set TIKTOKEN_CACHE_DIR .* or give the model folder its tokenizer files"):
+        Tokenizer.for_model("gpt2")
+    snapshot = tmp_path / "hub" / "models--openai-community--gpt2" / "snapshots" / ("1" * 40)
+    snapshot.mkdir(parents=True)
+    for f in ("vocab.json", "merges.txt"):
+        shutil.copy(gpt2_bpe_files / f, snapshot / f)
+    (snapshot / "config.json").write_text(json.dumps({"vocab_size": 50257, "eos_token_id": 50256}))
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("1" * 40)
+    gpt2 = Tokenizer.for_model("gpt2")
+    assert "openai-community/gpt2's byte-level BPE (vocab.json + merges.txt)" in gpt2.source
+    assert gpt2.encode(MULTI_SCRIPT) == reference_gpt2.encode_ordinary(MULTI_SCRIPT)
 
 
 def test_real_gpt2_tokenizer_files_when_cached():
