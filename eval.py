@@ -234,6 +234,8 @@ def e2e(p, args):
         args.prefix = ["weights/e2e-prefix.safetensors"]
     if args.prefix and len(args.prefix) > 1:
         p.error("--task e2e evaluates one system at a time: give one --prefix")
+    if args.prefix and read_meta(args.prefix[0])["mode"] == "base":  # a model folder as it is: as --model FOLDER
+        args.model, args.prefix = args.prefix[0], None
     data = args.data or "../shared/data/e2e/test.txt.gz"
     table_list = read_tables(data, args.limit)
     if args.prefix:
@@ -254,7 +256,8 @@ def e2e(p, args):
         system = (f"fine-tuned from {tuned.get('fine_tuned_from')} ({args.model})" if tuned else
                   f"base model {model.name_or_path}, as it is (not fine-tuned by train.py)")
     outputs, scores, settings = evaluate_e2e(
-        model, Tokenizer(), table_list, method, system=system, batch_size=args.batch_size,
+        model, Tokenizer.for_model(model.name_or_path), table_list, method, system=system,
+        batch_size=args.batch_size,
         num_beams=args.num_beams, max_new_tokens=args.max_new_tokens or 100)
     settings.update(data=data, limit=args.limit, dtype=args.dtype, path="reference" if not fast.enabled() else "fast")
     out = args.out or "weights/eval-e2e"
@@ -274,9 +277,11 @@ def sentiment(p, args):
     args.out = args.out or "weights/eval"
     metas = [read_meta(path) for path in args.prefix]
     for path, meta in zip(args.prefix, metas):
-        if meta["mode"] == "finetune":
-            p.error(f"{path} is a fine-tuned model: one model for every label, with nothing to steer by; the "
-                    f"sentiment evaluation compares a method's labels (train a prefix or a LoRA)")
+        if meta["mode"] in ("finetune", "base"):
+            what = ("a model used as it is" if meta["mode"] == "base" else
+                    "a fine-tuned model: one model for every label")
+            p.error(f"{path} is {what}, with nothing to steer by; the sentiment evaluation compares a method's "
+                    f"labels (train a prefix or a LoRA; its table has the base model's row already)")
     labels = metas[0]["labels"]
     for path, meta in zip(args.prefix, metas):
         if meta["labels"] != labels:
@@ -292,7 +297,7 @@ def sentiment(p, args):
     model, methods = load_all(p, args, args.prefix)
     device = model.device
     examples = read_jsonl(args.data, labels=labels)[:args.limit]
-    tok, judge, second = Tokenizer(), Judge(), AfinnJudge()
+    tok, judge, second = Tokenizer.for_model(model.name_or_path), Judge(), AfinnJudge()
     if any(g and not method.mixes for method, _ in methods for g in args.guidance):
         p.error("--guidance combines the labels' logits; a checkpoint here has no labels to mix")
     alphas = tuple(sorted(set(args.alphas)))

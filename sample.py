@@ -7,6 +7,7 @@ alpha * positive + (1 - alpha) * negative; --weights: one weight per label).
   python sample.py --prompts-file prompts.txt --output out.jsonl --temperature 0   # many prompts, batched
   python sample.py --prefix weights/e2e-prefix.safetensors --num-beams 5 \\
       --prompt "name : The Eagle | Type : pub | area : riverside"        # a source -> text prefix: the prompt is the source
+  python sample.py --prefix ../shared/models/imdb-gpt2-19m --prompt "The labs"   # a model folder alone, no prefix
 
 The checkpoint is the one train.py wrote last (weights/latest), unless --prefix names another. Prompts of
 different lengths are decoded together, padded on the left with an attention mask that hides the padding and
@@ -35,7 +36,8 @@ SAMPLING = {"temperature": 0.8, "top_p": 0.9, "top_k": None, "seed": 0}  # defau
 def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prefix", "--checkpoint", dest="prefix", help="a checkpoint from train.py: a prefix or LoRA "
-                   f"(.safetensors) or a fine-tuned model folder (default: the one train.py wrote last, else "
+                   f"(.safetensors) or a fine-tuned model folder; or any model folder in the hub's layout, which then "
+                   f"writes alone, no prefix (the baseline) (default: the one train.py wrote last, else "
                    f"{DEFAULT_CHECKPOINT})")
     tone = p.add_mutually_exclusive_group()
     tone.add_argument("--alpha", type=float, help="weight of the first label (positive) against the second "
@@ -70,7 +72,7 @@ def parser():
     p.add_argument("--min-new-tokens", type=int, help="beam search: hold <|endoftext|> back for this many tokens "
                    "(default: 0; 5 for a source -> text checkpoint, as eval.py --task e2e)")
     p.add_argument("--allow-newlines", action="store_true", help="beam search with a source -> text checkpoint: "
-                   "do not ban the newline tokens 198 and 628 (the paper bans them)")
+                   "do not ban the newline tokens, \"\\n\" and \"\\n\\n\" (GPT-2's 198 and 628; the paper bans them)")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="print tokens as they are decoded, one sample at a time (default: at a terminal, with one "
                         "sample in all)")
@@ -104,8 +106,9 @@ def tone(p, args, meta, mixes):
              if v is not None]
     if not mixes:
         if given:
-            p.error(f"{given[0]}: {args.prefix} is a fine-tuned model, one model for every label: it has no labels "
-                    f"to mix (train a prefix or a LoRA for that)")
+            what = ("a model used as it is" if meta["mode"] == "base" else
+                    "a fine-tuned model, one model for every label")
+            p.error(f"{given[0]}: {args.prefix} is {what}: it has no labels to mix (train a prefix or a LoRA for that)")
         return torch.ones(1, 1), {}
     if args.alpha is not None:
         if len(labels) != 2:
@@ -193,7 +196,7 @@ def main(argv=None):
     if args.max_new_tokens is None:
         args.max_new_tokens = DECODING["max_new_tokens"] if e2e else 60
     device = model.device
-    tok = Tokenizer()
+    tok = Tokenizer.for_model(model.name_or_path)  # the model folder's own BPE, else GPT-2's
     mix = ", ".join(f"{w:g}*{l}" for w, l in zip(weights[0].tolist(), meta["labels"])) if method.mixes else "no mix"
     print(f"# {meta['mode']} {args.prefix} on {model.name_or_path}: {mix}"
           + (f", guidance {args.guidance:g} from "
@@ -209,22 +212,22 @@ def main(argv=None):
     label = lambda r, j: r * n + j + 1 if one else r + 1  # the sample's number, as printed: [k]
     for start in range(0, len(rows), batch_size):
         batch = list(range(start, min(start + batch_size, len(rows))))
-        idx, real = pad_left([ids[r] for r in batch], device=device)
+        idx, real = pad_left([ids[r] for r in batch], tok.eot, device=device)
         run, cache = guide(method, model, weights.to(device).repeat(len(batch), 1), args.guidance, args.guide_from)
         if beams:
             settings = dict(min_new_tokens=args.min_new_tokens if args.min_new_tokens is not None else
                             (DECODING["min_new_tokens"] if e2e else 0),
-                            banned=DECODING["banned"] if e2e and not args.allow_newlines else ())
+                            banned=tok.newlines if e2e and not args.allow_newlines else ())
             pieces = dict(steps=fast.StaticSteps, pairs=fast.best_pairs) if fast.enabled() else {}
-            found = hypotheses(run, idx, args.num_beams, args.max_new_tokens, kv_cache=cache, real=real, **settings,
-                               **pieces)
+            found = hypotheses(run, idx, args.num_beams, args.max_new_tokens, kv_cache=cache, real=real, eot=tok.eot,
+                               **settings, **pieces)
             for r, hyps in zip(batch, found):
                 for j, (_, new) in enumerate(hyps[:n]):
                     texts[r].append(tok.decode(new[:-1] if new[-1:] == [tok.eot] else new))
                     show(label(r, j), rows[r][1], texts[r][-1], conditional, not in_order)
             continue
         steps = (fast.stream if fast.enabled() else stream)(run, idx, args.max_new_tokens, kv_cache=cache, real=real, seed=args.seed + start,
-                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eot=tok.eot)
         if streaming:  # one row: print each piece of text as soon as its characters are whole
             r = batch[0]
             print(f"[{r + 1}] {'' if conditional else rows[r][1]}", end="", flush=True)

@@ -44,8 +44,9 @@ OUT = {"kv": "prefix.safetensors", "embedding": "prefix.safetensors", "lora": "l
 def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=os.environ.get("MINPREFIX_MODEL", "gpt2"),
-                   help="hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a local folder in the hub's layout "
-                        "(default: $MINPREFIX_MODEL, else gpt2)")
+                   help="hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl), hub repository (owner/name) or a local "
+                        "folder in the hub's layout; its tokenizer comes with it (docs/models.md) (default: "
+                        "$MINPREFIX_MODEL, else gpt2)")
     p.add_argument("--data", default="data/train.jsonl", help="training data: JSONL {\"text\", \"sentiment\"}, "
                    "JSONL {\"source\", \"text\"}, or E2E table||text lines (.txt or .txt.gz) (default: %(default)s)")
     p.add_argument("--format", choices=FORMATS, help="what a JSONL file holds, where its rows do not say it "
@@ -173,8 +174,8 @@ def main(argv=None):
     train_set, val_set = train_set[:args.limit], val_set[:args.val_limit]
 
     torch.manual_seed(args.seed)
-    tok = Tokenizer()
     model = GPT2.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    tok = Tokenizer.for_model(model.name_or_path)  # the model folder's own BPE, else GPT-2's
     device = model.device
     note = fast.half_precision_note(args.dtype, device)
     if note:
@@ -195,6 +196,7 @@ def main(argv=None):
     trainable = sum(q.numel() for q in method.parameters())
     print(f"base model {model.name_or_path}: {base:,} parameters, {args.dtype}, "
           f"{'all trained' if args.mode == 'finetune' else 'frozen'}; {'fast' if fast.enabled() else 'reference'} path")
+    print(f"tokenizer: {tok.source}; end of text: token {tok.eot}")
     task = "source -> text" if conditional else f"labels {', '.join(f'{l} -> {i}' for i, l in enumerate(labels))}"
     print(f"{task}; {len(train_items)} training and {len(val_items)} held-out examples")
     what = {"finetune": "fine-tuning", "lora": f"LoRA (r={args.lora_rank}, alpha={args.lora_alpha:g}, on "

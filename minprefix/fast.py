@@ -45,7 +45,6 @@ from minprefix.generate import beam_settings, check_sampling, collect, decode, r
 from minprefix.gpt2 import CausalSelfAttention, KVCache
 from minprefix.guidance import Guided
 from minprefix.prefix import PrefixMLP
-from minprefix.tokenizer import EOT
 
 
 def enabled():
@@ -427,7 +426,7 @@ def token_nll(model, idx, targets, kv_cache=None):
 
 @torch.no_grad()
 def stream(model, idx, max_new_tokens=50, kv_cache=None, real=None, temperature=1.0, top_k=None, top_p=None,
-           eot=EOT, seed=None, cuda_graph=None):
+           *, eot, seed=None, cuda_graph=None):
     """generate.stream with two pieces replaced: the prompt's logits only at its last position (the reference
     computes all T, and on a CPU the lm_head is most of a prompt's cost), and on a GPU each later step
     replayed as one CUDA graph over a StaticKVCache (cuda_graph: default on a GPU). Same tokens."""
@@ -454,18 +453,17 @@ def stream(model, idx, max_new_tokens=50, kv_cache=None, real=None, temperature=
     yield from decode(logits, step, n, temperature, top_k, top_p, eot, seed)
 
 
-def generate(model, idx, max_new_tokens=50, num_beams=1, **kw):
+def generate(model, idx, max_new_tokens=50, num_beams=1, *, eot, **kw):
     """generate.generate through the fast stream(); num_beams > 1: the fast beam_search."""
     if num_beams > 1:
-        return beam_search(model, idx, num_beams, max_new_tokens, **beam_settings(num_beams, kw))
-    return collect(stream(model, idx, max_new_tokens, **kw), idx.size(0), kw.get("eot", EOT))
+        return beam_search(model, idx, num_beams, max_new_tokens, eot=eot, **beam_settings(num_beams, kw))
+    return collect(stream(model, idx, max_new_tokens, eot=eot, **kw), idx.size(0), eot)
 
 
-def beam_search(model, idx, num_beams=5, max_new_tokens=100, **kw):
+def beam_search(model, idx, num_beams=5, max_new_tokens=100, *, eot, **kw):
     """beam.beam_search with its two pieces replaced (StaticSteps, best_pairs). Same hypotheses."""
     from minprefix.beam import hypotheses
-    eot = kw.get("eot", EOT)
-    found = hypotheses(model, idx, num_beams, max_new_tokens, steps=StaticSteps, pairs=best_pairs, **kw)
+    found = hypotheses(model, idx, num_beams, max_new_tokens, eot=eot, steps=StaticSteps, pairs=best_pairs, **kw)
     return [row[:-1] if row[-1:] == [eot] else row for row in (hyps[0][1] for hyps in found)]
 
 

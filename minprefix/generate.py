@@ -7,7 +7,6 @@ this loop where that pays, and tests hold the two to the same tokens.
 import torch
 
 from minprefix.gpt2 import KVCache
-from minprefix.tokenizer import EOT
 
 
 def check_sampling(temperature=1.0, top_k=None, top_p=None):
@@ -40,16 +39,17 @@ def room(model, cache, idx, real, max_new_tokens):
     cached = cache.length if cache.real is None else int(cache.real.sum(1).max())
     new = idx.size(1) if real is None else int(real.sum(1).max())
     if idx.size(1) == 0 or (real is not None and not bool(real.any(1).all())):
-        raise ValueError("a prompt has no tokens: every row needs at least one (a text starts with <|endoftext|>, "
-                         f"token {EOT}, which is what sample.py gives an empty prompt)")
+        raise ValueError("a prompt has no tokens: every row needs at least one (a text starts with the end-of-text "
+                         "token, <|endoftext|> in GPT-2, which is what sample.py gives an empty prompt)")
     if cached + new > model.config.n_positions:  # the prompt alone does not fit: refuse, as the model would
         raise ValueError(f"{cached} cached + {new} new positions exceed the context of {model.config.n_positions}")
     return max(0, min(max_new_tokens, model.config.n_positions - cached - new + 1))
 
 
-def decode(logits, step, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eot=EOT, seed=None):
+def decode(logits, step, max_new_tokens, temperature, top_k, top_p, eot, seed=None):
     """The sampling loop. logits (B, V): the next token's; step: tokens (B, 1) -> the next logits (B, V).
-    Yields (B, 1) tokens; a row that has written eot writes eot from then on; ends when every row has."""
+    Yields (B, 1) tokens; a row that has written eot writes eot from then on; ends when every row has (eot None:
+    never, every row runs to max_new_tokens)."""
     generator = torch.Generator(device=logits.device).manual_seed(seed) if seed is not None else None
     done = torch.zeros(logits.size(0), dtype=torch.bool, device=logits.device)
     for i in range(max_new_tokens):
@@ -65,10 +65,11 @@ def decode(logits, step, max_new_tokens, temperature=1.0, top_k=None, top_p=None
 
 @torch.no_grad()
 def stream(model, idx, max_new_tokens=50, kv_cache=None, real=None, temperature=1.0, top_k=None, top_p=None,
-           eot=EOT, seed=None):
+           *, eot, seed=None):
     """Yields the new tokens, (B, 1) at a time. idx (B, T) prompt tokens, padded on the left where real (B, T) is
     False. kv_cache: where the text starts, e.g. a prefix (`prefix.cache(model, weights)`, one row per row of
-    idx); it is left as it was. temperature 0 is greedy."""
+    idx); it is left as it was. temperature 0 is greedy. eot: the model's end-of-text id (Tokenizer.eot), where a
+    row stops; None: no row stops before max_new_tokens."""
     check_sampling(temperature, top_k, top_p)
     cache = KVCache() if kv_cache is None else kv_cache.copy()
     n = room(model, cache, idx, real, max_new_tokens)
@@ -78,13 +79,14 @@ def stream(model, idx, max_new_tokens=50, kv_cache=None, real=None, temperature=
     yield from decode(logits, lambda x: model(x, cache)[:, -1], n, temperature, top_k, top_p, eot, seed)
 
 
-def generate(model, idx, max_new_tokens=50, num_beams=1, **kw):
-    """-> B lists of new tokens, each cut before its first <|endoftext|>. Arguments as stream's; with num_beams > 1
-    beam search instead of sampling (minprefix/beam.py: min_new_tokens, banned, length_penalty, as HF's)."""
+def generate(model, idx, max_new_tokens=50, num_beams=1, *, eot, **kw):
+    """-> B lists of new tokens, each cut before its first eot (the model's end-of-text id: Tokenizer.eot).
+    Arguments as stream's; with num_beams > 1 beam search instead of sampling (minprefix/beam.py: min_new_tokens,
+    banned, length_penalty, as HF's)."""
     if num_beams > 1:
         from minprefix.beam import beam_search  # beam.py builds on this file
-        return beam_search(model, idx, num_beams, max_new_tokens, **beam_settings(num_beams, kw))
-    return collect(stream(model, idx, max_new_tokens, **kw), idx.size(0), kw.get("eot", EOT))
+        return beam_search(model, idx, num_beams, max_new_tokens, eot=eot, **beam_settings(num_beams, kw))
+    return collect(stream(model, idx, max_new_tokens, eot=eot, **kw), idx.size(0), eot)
 
 
 def beam_settings(num_beams, kw):
@@ -96,14 +98,15 @@ def beam_settings(num_beams, kw):
     return {k: v for k, v in kw.items() if k not in ("temperature", "top_k", "top_p", "seed")}
 
 
-def collect(steps, B, eot=EOT):  # stream's (B, 1) tokens -> B lists, each cut before its first eot
+def collect(steps, B, eot):  # stream's (B, 1) tokens -> B lists, each cut before its first eot
     steps = list(steps)
     rows = torch.cat(steps, dim=1).tolist() if steps else [[] for _ in range(B)]
     return [row[:row.index(eot)] if eot in row else row for row in rows]
 
 
-def pad_left(prompts, pad=EOT, device=None):
-    """Token lists of different lengths -> idx (B, T) padded on the left, real (B, T) False at the padding."""
+def pad_left(prompts, pad, device=None):
+    """Token lists of different lengths -> idx (B, T) padded on the left with `pad` (any id of the model's
+    vocabulary: callers give Tokenizer.eot), real (B, T) False at the padding."""
     T = max(len(p) for p in prompts)
     idx = torch.tensor([[pad] * (T - len(p)) + list(p) for p in prompts], dtype=torch.long, device=device)
     real = torch.tensor([[False] * (T - len(p)) + [True] * len(p) for p in prompts], dtype=torch.bool, device=device)

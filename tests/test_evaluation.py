@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import EOT
 from minprefix import Tokenizer
 from minprefix.data import Example
 from minprefix.evaluation import continue_prompts, distinct, evaluate_prefix, perplexity, split_prompt, wilson
@@ -25,7 +26,7 @@ def test_continuations_come_back_in_prompt_order_as_if_decoded_alone(offline_mod
     outs = continue_prompts(offline_model, tok, prompts, weights, prefix, 12, seed=0, temperature=0)
     for prompt, w, out in zip(prompts, weights, outs):
         idx = torch.tensor([[tok.eot] + tok.encode(prompt)])
-        alone = generate(offline_model, idx, 12, kv_cache=prefix.cache(offline_model, w[None]), temperature=0)[0]
+        alone = generate(offline_model, idx, 12, kv_cache=prefix.cache(offline_model, w[None]), temperature=0, eot=EOT)[0]
         assert out == tok.decode(alone)
     assert outs[0] != outs[4]  # the same prompt under the other label's prefix
 

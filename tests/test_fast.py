@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_near
+from conftest import EOT, assert_near
 from minprefix import GPT2, KVCache, Tokenizer, fast
 from minprefix.generate import generate, pad_left
 from minprefix.prefix import KVPrefix, label_weights
@@ -134,7 +134,7 @@ def test_loss_refuses_targets_out_of_range(fast_model):
 
 @pytest.mark.parametrize("static", [False, True])  # True: the GPU's StaticKVCache step, run eagerly here
 def test_greedy_tokens_over_64_steps(fast_model, offline_model, prefix, static):
-    idx, real = pad_left(prompts())
+    idx, real = pad_left(prompts(), EOT)
     with torch.no_grad():
         weights = label_weights(2, alpha=0.7).repeat(3, 1)
         ref_cache, fast_cache = prefix.cache(offline_model, weights), prefix.cache(fast_model, weights)
@@ -147,7 +147,7 @@ def test_greedy_tokens_over_64_steps(fast_model, offline_model, prefix, static):
 
 @pytest.mark.parametrize("static", [False, True])
 def test_sampled_tokens_for_a_seed(fast_model, offline_model, prefix, static):
-    idx, real = pad_left(prompts())
+    idx, real = pad_left(prompts(), EOT)
     with torch.no_grad():
         weights = label_weights(2, label=0).repeat(3, 1)
         caches = prefix.cache(offline_model, weights), prefix.cache(fast_model, weights)
@@ -188,7 +188,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 @cuda
 def test_cuda_graph_tokens_equal_eager(offline_model_dir):
     model = GPT2.from_pretrained(offline_model_dir, device="cuda").requires_grad_(False)
-    idx, real = pad_left(prompts(), device="cuda")
+    idx, real = pad_left(prompts(), EOT, device="cuda")
     eager = fast.generate(model, idx, 64, real=real, temperature=0, eot=None, cuda_graph=False)
     assert fast.generate(model, idx, 64, real=real, temperature=0, eot=None, cuda_graph=True) == eager
     reference = generate(model, idx, 64, real=real, temperature=0, eot=None)
@@ -198,9 +198,9 @@ def test_cuda_graph_tokens_equal_eager(offline_model_dir):
     n = model.config.n_positions
     full = torch.randint(0, 50257, (1, n), device="cuda")
     assert len(fast.generate(model, full, 5, temperature=0, eot=None)[0]) == 1
-    assert fast.generate(model, idx, 0, real=real) == [[], [], []]
+    assert fast.generate(model, idx, 0, real=real, eot=EOT) == [[], [], []]
     with pytest.raises(ValueError, match="exceed the context"):
-        fast.generate(model, torch.randint(0, 50257, (1, n + 1), device="cuda"), 5)
+        fast.generate(model, torch.randint(0, 50257, (1, n + 1), device="cuda"), 5, eot=EOT)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
@@ -216,7 +216,7 @@ def test_half_precision_runs_through_both_paths(offline_model_dir):
     model = GPT2.from_pretrained(offline_model_dir, dtype=torch.bfloat16).requires_grad_(False)
     torch.manual_seed(0)
     p = KVPrefix(model.config, 2, 4, mlp=True)
-    idx, real = pad_left(prompts())
+    idx, real = pad_left(prompts(), EOT)
     weights = label_weights(2, alpha=0.5).repeat(3, 1)
     with torch.no_grad():
         cache = p.cache(model, weights)
@@ -306,7 +306,7 @@ def test_half_precision_step_attends_to_the_written_slots_only(offline_model_dir
     nothing. Its logits against float32's reference step on the same cache, to bfloat16 rounding."""
     model = fast.accelerate(GPT2.from_pretrained(offline_model_dir, dtype=torch.bfloat16).requires_grad_(False))
     full = GPT2.from_pretrained(offline_model_dir).requires_grad_(False)
-    idx, real = pad_left(prompts()) if padded else (torch.tensor([prompts()[0]] * 2), None)
+    idx, real = pad_left(prompts(), EOT) if padded else (torch.tensor([prompts()[0]] * 2), None)
     cache = KVCache()
     with torch.no_grad():
         model.hidden(model.wte(idx), cache, real)
@@ -328,14 +328,15 @@ def test_fast_beam_search_finds_the_references_hypotheses(fast_model, offline_mo
     """StaticSteps + best_pairs against beam.py's reference pieces: the same hypotheses with the same scores, for a
     left-padded batch, a prefix, banned tokens and min_new_tokens."""
     from minprefix.beam import hypotheses
-    idx, real = pad_left(prompts())
+    idx, real = pad_left(prompts(), EOT)
     cache = None
     if with_prefix:
         torch.manual_seed(0)
         p = KVPrefix(offline_model.config, 2, 4, mlp=True)
         with torch.no_grad():
             cache = p.cache(offline_model, label_weights(2, alpha=0.3).repeat(3, 1))
-    kw = dict(num_beams=4, max_new_tokens=24, min_new_tokens=3, banned=(198, 628), kv_cache=cache, real=real)
+    kw = dict(num_beams=4, max_new_tokens=24, min_new_tokens=3, banned=(198, 628), kv_cache=cache, real=real,
+              eot=EOT)
     want = hypotheses(offline_model, idx, **kw)
     got = hypotheses(fast_model, idx, steps=fast.StaticSteps, pairs=fast.best_pairs, **kw)
     for w, g in zip(want, got):
@@ -343,7 +344,7 @@ def test_fast_beam_search_finds_the_references_hypotheses(fast_model, offline_mo
         # scores: means of up to 24 float32 log-probs, each a logit minus a log-sum-exp over 50,257 logits of
         # magnitude ~10 (best_pairs' exp2 against log_softmax): ~1e-6 of the logits each, ~1e-5 of a score
         assert_near([s for s, _ in g], [s for s, _ in w], 1e-4, "beam scores")
-    assert fast.beam_search(fast_model, idx, **kw) == [h[0][1][:-1] if h[0][1][-1:] == [50256] else h[0][1]
+    assert fast.beam_search(fast_model, idx, **kw) == [h[0][1][:-1] if h[0][1][-1:] == [EOT] else h[0][1]
                                                         for h in want]
 
 
@@ -418,12 +419,12 @@ def test_the_package_generate_takes_the_fast_path_unless_told(offline_model_dir,
     import minprefix
     model = GPT2.from_pretrained(offline_model_dir).requires_grad_(False)
     idx = torch.tensor([prompts()[0]])
-    want = generate(model, idx, 10, temperature=0)
+    want = generate(model, idx, 10, temperature=0, eot=EOT)
     monkeypatch.setenv("MINPREFIX_REFERENCE", "1")
-    assert minprefix.generate(model, idx, 10, temperature=0) == want
+    assert minprefix.generate(model, idx, 10, temperature=0, eot=EOT) == want
     assert type(model.h[0].attn.c_attn) is torch.nn.Linear  # the reference leaves the model as it is
     monkeypatch.setenv("MINPREFIX_REFERENCE", "0")
-    assert minprefix.generate(model, idx, 10, temperature=0) == want
+    assert minprefix.generate(model, idx, 10, temperature=0, eot=EOT) == want
     assert type(model.h[0].attn.c_attn) is fast.DecodeLinear  # the fast pieces, swapped in
 
 

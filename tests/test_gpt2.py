@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import assert_near, random_hf_gpt2, write_hub_layout
+from conftest import EOT, assert_near, random_hf_gpt2, write_hub_layout
 from minprefix import GPT2, KVCache, Tokenizer, generate
 
 transformers = pytest.importorskip("transformers")
@@ -75,7 +75,7 @@ def test_real_gpt2_when_cached():
     tok = Tokenizer()
     idx = torch.tensor([tok.encode("Hello, I'm a language model, and today I will tell you about prefixes")])
     same_logits(ours, hf, idx)
-    assert generate(ours, idx, 20, temperature=0)[0] == hf.generate(idx, max_new_tokens=20, do_sample=False)[0, idx.size(1):].tolist()
+    assert generate(ours, idx, 20, temperature=0, eot=tok.eot)[0] == hf.generate(idx, max_new_tokens=20, do_sample=False)[0, idx.size(1):].tolist()
 
 
 def test_kv_cache_matches_full_forward(offline_model):
@@ -183,7 +183,7 @@ def test_left_padding_gives_each_row_its_own_logits(offline_model):
     """Prompts of different lengths share a batch, padded on the left: each row's logits are its logits alone."""
     from minprefix.generate import pad_left
     prompts = [[50256, 464, 3290, 373, 257], [50256, 40], [50256, 1212, 2646]]
-    idx, real = pad_left(prompts)
+    idx, real = pad_left(prompts, EOT)
     with torch.no_grad():
         batched = offline_model(idx, None, real)
         for row, p in enumerate(prompts):

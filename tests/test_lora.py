@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from conftest import assert_near
+from conftest import EOT, assert_near
 from minprefix import GPT2, Tokenizer, fast
 from minprefix.lora import LoRA, key, load_lora, save_lora
 from minprefix.method import build, load
@@ -122,8 +122,8 @@ def test_the_fast_path_keeps_its_layout_when_merged(offline_model_dir, offline_m
                    for m in (run.h[0].attn.c_attn, run.h[0].mlp.c_proj))  # still the fast piece, its layout kept
         want = lora.merged(offline_model, w)(idx)
         assert_near(run(idx), want, 1e-5, "fast merged against reference merged")  # DecodeLinear's sums: rounding
-        step = fast.generate(run, idx[:1], 12, temperature=0)
-        assert step == fast.generate(lora.unmerged(model, w[None]), idx[:1], 12, temperature=0)
+        step = fast.generate(run, idx[:1], 12, temperature=0, eot=EOT)
+        assert step == fast.generate(lora.unmerged(model, w[None]), idx[:1], 12, temperature=0, eot=EOT)
 
 
 def test_only_the_pairs_learn(offline_model_dir):
@@ -187,11 +187,11 @@ def test_beam_search_with_a_lora(offline_model):
     idx = tokens()[:1, :4]
     w = label_weights(2, alpha=0.7)
     with torch.no_grad():
-        merged = beam_search(lora.apply(offline_model, w)[0], idx, 3, 10)
-        unmerged = beam_search(lora.unmerged(offline_model, w), idx, 3, 10)
+        merged = beam_search(lora.apply(offline_model, w)[0], idx, 3, 10, eot=EOT)
+        unmerged = beam_search(lora.unmerged(offline_model, w), idx, 3, 10, eot=EOT)
     assert merged == unmerged
     with pytest.raises(ValueError, match="decode rows of one mix together"):
-        beam_search(lora.unmerged(offline_model, torch.tensor([[1.0, 0.0], [0.0, 1.0]])), tokens()[:, :4], 3, 4)
+        beam_search(lora.unmerged(offline_model, torch.tensor([[1.0, 0.0], [0.0, 1.0]])), tokens()[:, :4], 3, 4, eot=EOT)
 
 
 def test_half_precision_model_float32_pairs(offline_model_dir):

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, assert_near
+from conftest import EOT, REPO, assert_near
 from minprefix import Tokenizer, fast
 from minprefix.data import encode, label_names, read_jsonl
 from minprefix.generate import generate, pad_left
@@ -41,7 +41,7 @@ def test_guided_logits_are_the_formula_on_each_labels_own_logits(offline_model, 
     anchor: the model without a prefix, or the K/V mix); with two labels z_anchor + strength * (2 alpha - 1) *
     (z_0 - z_1)."""
     prefix = random_prefix(offline_model, n_labels)
-    idx, real = pad_left(prompts())
+    idx, real = pad_left(prompts(), EOT)
     w = torch.softmax(torch.randn(3, n_labels), -1)  # a different mix per row
     with torch.no_grad():
         run, cache = guide(prefix, offline_model, w, 1.5, anchor)
@@ -94,17 +94,17 @@ def test_fast_guided_decoding_writes_the_references_tokens(offline_model, method
         with torch.no_grad():
             for p in steer.parameters():
                 p.copy_(torch.randn_like(p) * 0.05)
-    idx, real = pad_left(prompts())
+    idx, real = pad_left(prompts(), EOT)
     w = torch.tensor([[1.0, 0.0], [0.2, 0.8], [0.0, 1.0]])
     with torch.no_grad():  # the bare anchor: its rows masked in the cache (a prefix) or with a zero change (LoRA)
         reference, fast_run = guide(steer, offline_model, w, 2.0, "bare"), guide(steer, model, w, 2.0, "bare")
         plain = guide(steer, model, w, 0.0)
     for kw in (dict(temperature=0), dict(temperature=0.8, top_p=0.9, seed=3)):
-        want = generate(reference[0], idx, 24, kv_cache=reference[1], real=real, **kw)
-        got = fast.generate(fast_run[0], idx, 24, kv_cache=fast_run[1], real=real, **kw)
+        want = generate(reference[0], idx, 24, kv_cache=reference[1], real=real, eot=EOT, **kw)
+        got = fast.generate(fast_run[0], idx, 24, kv_cache=fast_run[1], real=real, eot=EOT, **kw)
         assert got == want, kw
-    greedy = generate(reference[0], idx, 24, kv_cache=reference[1], real=real, temperature=0)
-    assert fast.generate(plain[0], idx, 24, kv_cache=plain[1], real=real, temperature=0) != greedy  # it steers
+    greedy = generate(reference[0], idx, 24, kv_cache=reference[1], real=real, temperature=0, eot=EOT)
+    assert fast.generate(plain[0], idx, 24, kv_cache=plain[1], real=real, temperature=0, eot=EOT) != greedy  # it steers
 
 
 def test_guidance_refuses_what_it_cannot_do(offline_model):
@@ -115,7 +115,7 @@ def test_guidance_refuses_what_it_cannot_do(offline_model):
     two = random_prefix(offline_model)
     run, cache = guide(two, offline_model, label_weights(2, alpha=1.0), 1.0)
     with pytest.raises(ValueError, match="guidance at the logits is for sampling"):
-        beam_search(run, torch.tensor([prompts()[0]]), 3, 5, kv_cache=cache)
+        beam_search(run, torch.tensor([prompts()[0]]), 3, 5, kv_cache=cache, eot=EOT)
 
 
 # ---- the contrastive term ----
@@ -247,7 +247,7 @@ def test_sample_guidance_writes_the_libraries_guided_text(offline_model, saved_p
     idx = torch.tensor([[tok.eot] + tok.encode("The lectures")])
     with torch.no_grad():
         run_model, cache = guide(random_prefix(offline_model, P=4), offline_model, label_weights(2, alpha=1.0), 2.0)
-        want = tok.decode(generate(run_model, idx, 12, kv_cache=cache, temperature=0)[0])
+        want = tok.decode(generate(run_model, idx, 12, kv_cache=cache, temperature=0, eot=EOT)[0])
     assert row["text"] == want
     p = run("sample.py", "--prefix", saved_prefix, "--guidance", 2, "--num-beams", 3, check=False)
     assert p.returncode == 2 and "--guidance does not apply to beam search" in p.stderr
