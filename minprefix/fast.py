@@ -432,10 +432,19 @@ def stream(model, idx, max_new_tokens=50, kv_cache=None, real=None, temperature=
     computes all T, and on a CPU the lm_head is most of a prompt's cost), and on a GPU each later step
     replayed as one CUDA graph over a StaticKVCache (cuda_graph: default on a GPU). Same tokens."""
     check_sampling(temperature, top_k, top_p)
+    n, logits, step = start(model, idx, max_new_tokens, kv_cache, real, cuda_graph)
+    if n == 0:
+        return
+    yield from decode(logits, step, n, temperature, top_k, top_p, eot, seed)
+
+
+@torch.no_grad()
+def start(model, idx, max_new_tokens=50, kv_cache=None, real=None, cuda_graph=None):
+    """generate.start with stream's pieces replaced (above): -> (n, logits (B, V), step). Same logits."""
     cache = KVCache() if kv_cache is None else kv_cache.copy()
     n = room(model, cache, idx, real, max_new_tokens)
     if n == 0:
-        return
+        return 0, None, None
     logits = model.lm_head(model.hidden(model.wte(idx), cache, real)[:, -1])  # (B, V)
     graph = idx.is_cuda if cuda_graph is None else cuda_graph
     if graph and n > 1:
@@ -445,7 +454,7 @@ def stream(model, idx, max_new_tokens=50, kv_cache=None, real=None, temperature=
         step = lambda x: static.cpu_step(model, x)
     else:
         step = lambda x: model.lm_head(model.hidden(model.wte(x), cache)[:, -1])
-    yield from decode(logits, step, n, temperature, top_k, top_p, eot, seed)
+    return n, logits, step
 
 
 def generate(model, idx, max_new_tokens=50, num_beams=1, **kw):
