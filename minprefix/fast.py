@@ -514,6 +514,29 @@ def top_k(x, k, block=64):
     return top, index.gather(1, pos)
 
 
+def probabilities(logits, temperature=1.0, top_k=None, top_p=None, candidates=1024):
+    """Replaces generate.probabilities where top_p < 1 (the server's sampling, minprefix/serve.py): each row's
+    nucleus found among its `candidates` likeliest tokens (torch.topk) rather than by sorting the whole vocabulary;
+    a row whose nucleus may reach past them is sorted as the reference does. The nucleus is a prefix of the sorted
+    order and the mass before each of its tokens is summed in the same order, so the probabilities are the same
+    (up to which of two exactly tied tokens is kept at the nucleus's edge). On the offline model's own logits
+    (temperature 0.8, top_p 0.9) the median nucleus is 57 tokens and 90% are under 1,621; 8 rows of GPT-2's
+    vocabulary: the sort 75 ms, topk(1024) 6.5 ms (one loaded CPU thread: development measurements)."""
+    from minprefix.generate import probabilities as reference
+    if top_p is None or top_p >= 1 or logits.size(-1) <= candidates:
+        return reference(logits, temperature, top_k, top_p)
+    probs = reference(logits, temperature, top_k)  # temperature and top-k as the reference applies them
+    top, order = probs.topk(candidates)  # (B, candidates), likeliest first
+    before = top.cumsum(dim=-1) - top  # the mass before each token, as the reference sums it
+    keep = before < top_p
+    keep[:, 0] = True  # the likeliest token always stays
+    out = torch.zeros_like(probs).scatter(-1, order, top.masked_fill(~keep, 0.0))
+    wide = (~(before[:, -1] >= top_p)).nonzero()[:, 0]  # rows whose nucleus may go on past the candidates
+    if len(wide):
+        out[wide] = reference(logits[wide], temperature, top_k, top_p)
+    return out
+
+
 class StaticSteps:
     """Replaces beam.CacheSteps: the beams' keys and values in a StaticKVCache, reordered in place where the
     reference selects every layer's cache into new tensors and then concatenates each step's to them (two copies

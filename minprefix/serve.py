@@ -44,7 +44,9 @@ from minprefix.data import source_prompt
 from minprefix.generate import pad_left, probabilities, start
 from minprefix.tokenizer import EOT, Tokenizer
 
-GATHER = 0.005  # seconds the worker waits, once a request is in, for the others sent with it (the page's columns)
+# Once a request is in, the worker waits for the others sent with it (the page's columns, clients whose texts
+# ended together) while they keep coming: until none has come for GATHER seconds, GATHER_MAX at most.
+GATHER, GATHER_MAX = 0.005, 0.025
 MAX_STOPS = 4  # as OpenAI's
 
 
@@ -189,9 +191,9 @@ class Row:
         return new
 
 
-def pick(logits, rows):
+def pick(logits, rows, probabilities=probabilities):
     """logits (B, V) -> tokens (B, 1): each live row by its own settings and generator, rows sharing settings
-    through one probabilities() call; rows done or gone take <|endoftext|>."""
+    through one probabilities() call (generate's, or fast's); rows done or gone take <|endoftext|>."""
     tokens = [EOT] * len(rows)
     groups = {}
     for i, r in enumerate(rows):
@@ -218,7 +220,8 @@ class Engine:
         self.labels = list(meta["labels"]) if method.mixes else []
         self.conditional = bool(meta["info"].get("conditional"))
         self.batch_size = batch_size
-        self.start_decoding = fast.start if fast.enabled() else start  # sample.py --reference: generate.start
+        self.start_decoding = fast.start if fast.enabled() else start  # sample.py --reference: generate's
+        self.probabilities = fast.probabilities if fast.enabled() else probabilities
         self.tok = Tokenizer()
         with torch.no_grad():
             _, cache = method.apply(model, torch.ones(1, max(1, len(self.labels)), device=model.device))
@@ -371,9 +374,11 @@ class Engine:
                 self.ready.wait()
             if self.closing:
                 return None
-            deadline = time.monotonic() + GATHER
-            while sum(len(j.rows) for j in self.queue) < self.batch_size and time.monotonic() < deadline:
-                self.ready.wait(max(0.0, deadline - time.monotonic()))
+            deadline = time.monotonic() + GATHER_MAX
+            while sum(len(j.rows) for j in self.queue) < self.batch_size:
+                left = min(GATHER, deadline - time.monotonic())
+                if left <= 0 or not self.ready.wait(left):  # quiet for GATHER, or GATHER_MAX reached
+                    break
             jobs, rows = [], []
             while self.queue:
                 job = self.queue[0]
@@ -404,7 +409,7 @@ class Engine:
         steps = 0
         try:
             for steps in range(1, n + 1):
-                x = pick(logits, rows)  # (B, 1)
+                x = pick(logits, rows, self.probabilities)  # (B, 1)
                 for r, t, piece in zip(rows, x[:, 0].tolist(), pieces):
                     if r.live:
                         r.add(t, self.tok, piece)

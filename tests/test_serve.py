@@ -96,6 +96,25 @@ def test_stream_is_start_then_decode(offline_model, tok):
         assert got == want
 
 
+def test_fast_probabilities_equal_the_reference_on_the_models_own_logits(offline_model, tok):
+    """fast.probabilities (the nucleus among the likeliest 1,024 tokens, a sort where it reaches past them) against
+    generate.probabilities, exactly: rows of both kinds, with and without top_k."""
+    from minprefix.generate import probabilities
+    texts = ["The film was a", "I have never seen anything like this, and I", "", "Worst. Movie. Ever"]
+    idx, real = pad_left([[50256] + tok.encode(t) for t in texts])
+    with torch.no_grad():
+        logits = offline_model(idx, None, real)[real]  # (N, V): every real position's next-token logits
+    wide = 0
+    for temperature, top_k, top_p in ((0.8, None, 0.9), (1.0, None, 0.95), (0.7, 40, 0.8), (1.2, None, 0.5)):
+        want = probabilities(logits, temperature, top_k, top_p)
+        assert torch.equal(fast.probabilities(logits, temperature, top_k, top_p), want)
+        wide += int(((want > 0).sum(-1) > 1024).sum())
+        g, h = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+        assert torch.equal(torch.multinomial(want, 1, generator=g),
+                           torch.multinomial(fast.probabilities(logits, temperature, top_k, top_p), 1, generator=h))
+    assert 0 < wide < 4 * len(logits)  # both ways were taken
+
+
 # ---- batches, in process ----
 
 def test_mix_weights_go_by_label_name():
