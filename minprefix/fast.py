@@ -12,6 +12,8 @@ and is held to the reference by tests/test_fast.py.
                         buffers; on a GPU each step replayed as a
                         CUDA graph
   linear_gelu           F.gelu(c_fc(x)) while decoding              GPT-2 small's c_fc, 50 rows: 0.87 -> 0.74 ms
+  probabilities         generate.probabilities with top_p < 1       8 rows of the offline model's logits, t 0.8,
+                        (the server's sampling): no whole sort      top_p 0.9: 83 -> 26 ms (a development run)
   beam_search,          beam.CacheSteps and beam.best_pairs         E2E beam search (10 tables x 5 beams):
   StaticSteps,                                                      241.4 -> 471.1 tables/min (3 rounds)
   best_pairs, top_k,                                                alone: top_k 3.1x torch.topk, logsumexp
