@@ -26,7 +26,7 @@ def main():
     p.add_argument("--prefix", help="a checkpoint to serve (default: an untrained tone-word prefix, as the bench's)")
     p.add_argument("--prompt", default="The movie", help="(default: %(default)s)")
     p.add_argument("--out", default=os.path.join(REPO, "docs", "figures", "page.png"), help="(default: %(default)s)")
-    p.add_argument("--size", default="1400,760", help="the window, width,height (default: %(default)s)")
+    p.add_argument("--size", default="1400,600", help="the window, width,height (default: %(default)s)")
     args = p.parse_args()
 
     from selenium import webdriver
