@@ -46,7 +46,7 @@ from minprefix.tokenizer import EOT, Tokenizer
 
 # Once a request is in, the worker waits for the others sent with it (the page's columns, clients whose texts
 # ended together) while they keep coming: until none has come for GATHER seconds, GATHER_MAX at most.
-GATHER, GATHER_MAX = 0.005, 0.025
+GATHER, GATHER_MAX = 0.015, 0.06
 MAX_STOPS = 4  # as OpenAI's
 
 
