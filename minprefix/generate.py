@@ -21,6 +21,11 @@ def check_sampling(temperature=1.0, top_k=None, top_p=None):
 def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):  # logits (B, V) -> tokens (B, 1)
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
+    return torch.multinomial(probabilities(logits, temperature, top_k, top_p), 1, generator=generator)
+
+
+def probabilities(logits, temperature=1.0, top_k=None, top_p=None):
+    """logits (B, V) -> the distribution sample() draws from (B, V), for temperature > 0."""
     logits = logits / temperature
     if top_k is not None:  # keep the k likeliest (and any tied with the k-th), as HF does
         kth = logits.topk(min(top_k, logits.size(-1))).values[:, -1:]
@@ -31,7 +36,7 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):  # 
         drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # the mass before a token already reaches top_p
         drop[:, 0] = False  # the likeliest token always stays
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
-    return torch.multinomial(probs, 1, generator=generator)
+    return probs
 
 
 def room(model, cache, idx, real, max_new_tokens):
@@ -71,12 +76,24 @@ def stream(model, idx, max_new_tokens=50, kv_cache=None, real=None, temperature=
     idx); it is left as it was. temperature 0 is greedy. eot: the model's end-of-text id (Tokenizer.eot), where a
     row stops; None: no row stops before max_new_tokens."""
     check_sampling(temperature, top_k, top_p)
+    n, logits, step = start(model, idx, max_new_tokens, kv_cache, real)
+    if n == 0:
+        return
+    yield from decode(logits, step, n, temperature, top_k, top_p, eot, seed)
+
+
+@torch.no_grad()
+def start(model, idx, max_new_tokens=50, kv_cache=None, real=None):
+    """stream's first half, for a caller that picks the tokens itself (minprefix/serve.py: each row its own
+    sampling settings): -> (n, logits (B, V) of the token after the prompt, step: tokens (B, 1) -> the next logits
+    (B, V)). n: how many of max_new_tokens there is room for (room()); with n == 0, logits and step are None.
+    Call step under torch.no_grad(), at most n - 1 times."""
     cache = KVCache() if kv_cache is None else kv_cache.copy()
     n = room(model, cache, idx, real, max_new_tokens)
     if n == 0:
-        return
+        return 0, None, None
     logits = model(idx, cache, real)[:, -1]  # the prompt at once; with left padding every row ends at T-1: (B, V)
-    yield from decode(logits, lambda x: model(x, cache)[:, -1], n, temperature, top_k, top_p, eot, seed)
+    return n, logits, lambda x: model(x, cache)[:, -1]
 
 
 def generate(model, idx, max_new_tokens=50, num_beams=1, *, eot, **kw):
