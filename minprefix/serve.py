@@ -42,6 +42,7 @@ except ImportError as e:  # the optional extra
 from minprefix import fast
 from minprefix.data import source_prompt
 from minprefix.generate import pad_left, probabilities, start
+from minprefix.guidance import ANCHORS, DEFAULT_ANCHOR, DEFAULT_STRENGTH, guide
 from minprefix.tokenizer import Tokenizer
 
 # Once a request is in, the worker waits for the others sent with it (the page's columns, clients whose texts
@@ -70,11 +71,13 @@ NUMBERS = {
     "n": (1, int, lambda v: v >= 1, "an integer >= 1"),
     "seed": (None, int, lambda v: v >= 0, "an integer >= 0"),
     "alpha": (None, float, lambda v: True, "a number"),  # its range is checked with the labels
+    "guidance": (None, float, lambda v: v >= 0, "a number >= 0 (0: the K/V mix alone)"),  # minprefix/guidance.py
 }
 # OpenAI fields the server does not implement: accepted only at the value that means "off"
 OFF = {"echo": (False,), "logprobs": (None, 0), "best_of": (None, 1), "suffix": (None, ""),
        "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "logit_bias": (None, {})}
-OTHERS = {"prompt", "stream", "stream_options", "stop", "weights", "label", "extrapolate", "model", "user"}
+OTHERS = {"prompt", "stream", "stream_options", "stop", "weights", "label", "extrapolate", "model", "user",
+          "guide_from"}
 
 
 def number(body, name):
@@ -113,6 +116,10 @@ def mix_weights(labels, alpha=None, label=None, weights=None):
         raise ValueError(f"{len(weights)} weights for {len(labels)} labels: give one per label, in the checkpoint's "
                          f"order ({', '.join(labels)})")
     return torch.tensor([[float(w) for w in weights]])
+
+
+def guiding(row):  # -> (strength, anchor): the guidance a row asks for; a batch's rows all ask for the same
+    return row.settings["guidance"], row.settings["guide_from"]
 
 
 def is_number(v):
@@ -265,6 +272,16 @@ class Engine:
         if not isinstance(stops, list) or len(stops) > MAX_STOPS or not all(isinstance(s, str) and s for s in stops):
             raise BadRequest("stop", f"stop must be a string or a list of at most {MAX_STOPS} non-empty strings")
         weights = self.weights(body, settings["alpha"])
+        mixes = self.method.mixes and len(self.labels) > 1
+        if settings["guidance"] is None:
+            settings["guidance"] = DEFAULT_STRENGTH if mixes else 0.0
+        elif settings["guidance"] and not mixes:
+            raise BadRequest("guidance", "guidance combines the labels' logits: this checkpoint has "
+                                         + ("one label" if self.labels else "no labels to mix"))
+        settings["guide_from"] = body.get("guide_from", DEFAULT_ANCHOR)
+        if settings["guide_from"] not in ANCHORS:
+            raise BadRequest("guide_from", f"guide_from must be one of {', '.join(map(json.dumps, ANCHORS))}, "
+                                           f"got {json.dumps(settings['guide_from'])}")
         n = settings["n"]
         if len(prompts) * n > self.batch_size:
             raise BadRequest("n", f"{len(prompts)} prompt(s) x n={n} rows: at most {self.batch_size} (the server's "
@@ -386,7 +403,7 @@ class Engine:
                     self.queue.popleft()
                     continue
                 both = rows + job.rows
-                if jobs and (len(both) > self.batch_size or
+                if jobs and (len(both) > self.batch_size or guiding(job.rows[0]) != guiding(rows[0]) or
                              self.room(max(len(r.ids) for r in both)) < max(r.max_tokens for r in both)):
                     break
                 jobs.append(self.queue.popleft())
@@ -400,7 +417,7 @@ class Engine:
         device = self.model.device
         idx, real = pad_left([r.ids for r in rows], self.tok.eot, device=device)  # (B, T)
         weights = torch.cat([r.weights for r in rows]).to(device)  # (B, n_labels): each row its own mix
-        run, cache = self.method.apply(self.model, weights)
+        run, cache = guide(self.method, self.model, weights, *guiding(rows[0]))  # a batch guides alike
         n, logits, step = self.start_decoding(run, idx, max(r.max_tokens for r in rows), kv_cache=cache, real=real)
         pieces = [self.tok.stream_decoder() for _ in rows]
         stats = self.stats
@@ -462,6 +479,7 @@ class Engine:
                 "checkpoint": os.path.abspath(str(self.checkpoint)), "base_model": self.model.name_or_path,
                 "mode": m["mode"], "labels": self.labels, "mixes": bool(self.method.mixes),
                 "alpha": self.method.mixes and len(self.labels) == 2 and "positive" in self.labels,
+                "guidance": DEFAULT_STRENGTH if self.method.mixes and len(self.labels) > 1 else None,
                 "conditional": self.conditional, "n_positions": c.n_positions, "prefix_len": self.prefix_len,
                 "batch_size": self.batch_size}
 
