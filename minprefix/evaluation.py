@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from minprefix import fast
 from minprefix.generate import generate
 from minprefix.metrics import corpus_bleu, rouge_l, rouge_n
-from minprefix.prefix import label_weights
+from minprefix.prefix import mix_weights
 
 NEUTRAL_PROMPTS = ["The summer school", "The lectures", "The food", "Our mentor", "The labs", "The city",
                    "The housing", "The organisers", "The poster session", "The last day"]
@@ -120,7 +120,7 @@ def evaluate_prefix(model, tok, judge, examples, labels, method, n_words=3, n_sa
         sweep, scores = {}, {}
         p = [q for q in sweep_prompts for _ in range(sweep_samples)]
         for a in alphas:
-            w = label_weights(2, alpha=a).repeat(len(p), 1)
+            w = mix_weights(labels, alpha=a).repeat(len(p), 1)  # by name: alpha weighs positive
             scores[a] = [judge.score(o) for o in go(p, w)]
             sweep[a] = mean(scores[a])
         row["alpha_sweep"] = sweep

@@ -385,7 +385,8 @@ def test_tone_flags_name_what_is_wrong(offline_model, tmp_path):
     p = run("sample.py", "--prefix", three, "--weights", "0.5,0.5", check=False)
     assert p.returncode == 2 and "--weights '0.5,0.5': 2 weights given for 3 labels" in p.stderr
     p = run("sample.py", "--prefix", one, "--alpha", "0.2", check=False)
-    assert p.returncode == 2 and "--alpha mixes two labels" in p.stderr and "it has nothing to mix" in p.stderr
+    assert p.returncode == 2 and "--alpha weighs the label called positive" in p.stderr
+    assert "it has nothing to mix" in p.stderr
     run("sample.py", "--prefix", three, "--weights", "0.2,0.3,0.5", "--n", 1, "--max-new-tokens", 3)
 
 
@@ -437,3 +438,41 @@ def test_loss_plot_has_integer_steps_and_the_kept_point_visible(monkeypatch, tmp
     star = [l for l in ax.get_lines() if l.get_marker() == "*"][0]
     assert star.get_markerfacecolor() == "none"  # hollow: the held-out point inside it stays visible
     assert len(figures[0].axes) == 2  # the steering margin on its own axis
+
+
+# ---- issue 30: alpha by label name ----
+
+def negative_first(trained, tmp_path):
+    """The trained checkpoint stored with its labels the other way round (as `python -m minprefix.peft import NEG
+    POS --labels negative,positive` stores one): the same prefixes, negative's first."""
+    from minprefix.prefix import KVPrefix, save_prefix
+    prefix, meta = load_prefix(trained[0])
+    flipped = KVPrefix(prefix.config, 2, prefix.prefix_len)
+    with torch.no_grad():
+        flipped.table_.copy_(prefix.table_.flip(0))
+    path = tmp_path / "negative-first.safetensors"
+    save_prefix(path, flipped, meta["base_model"], ["negative", "positive"], meta["info"])
+    return path
+
+
+def test_alpha_weighs_the_positive_label_whatever_the_checkpoints_order(trained, tmp_path):
+    """--alpha 1.0 is the label called positive on a checkpoint stored negative-first too: the same text as the
+    positive-first checkpoint writes; the mix sample.py prints names each weight's label."""
+    path = negative_first(trained, tmp_path)
+    got = {}
+    for ckpt, alpha in ((trained[0], "1.0"), (path, "1.0"), (path, "0.3")):
+        p = run("sample.py", "--prefix", ckpt, "--alpha", alpha, "--n", 2, "--max-new-tokens", 12, "--seed", 1)
+        got[ckpt, alpha] = samples(p)
+    assert got[path, "1.0"] == got[trained[0], "1.0"]  # the positive prefix alone, exactly, from either order
+    assert got[path, "0.3"] != got[path, "1.0"] and "0.7*negative, 0.3*positive" in p.stdout
+
+
+def test_alpha_is_refused_where_no_label_is_called_positive(offline_model, tmp_path):
+    from minprefix.prefix import KVPrefix, save_prefix
+    path = tmp_path / "other.safetensors"
+    save_prefix(path, KVPrefix(offline_model.config, 2, 3), offline_model.name_or_path, ["good", "bad"])
+    p = run("sample.py", "--prefix", path, "--alpha", "0.3", check=False)
+    assert p.returncode == 2 and "--alpha weighs the label called positive" in p.stderr
+    assert "--weights" in p.stderr and "good, bad" in p.stderr
+    p = run("sample.py", "--prefix", path, "--n", 1, "--max-new-tokens", 2)  # no flag: an even mix, said so
+    assert "0.5*good, 0.5*bad" in p.stdout

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from minprefix import Tokenizer
 from minprefix.data import Example
-from minprefix.evaluation import continue_prompts, distinct, evaluate_prefix, perplexity, split_prompt, wilson
+from minprefix.evaluation import (continue_prompts, dial, distinct, evaluate_prefix, mean_interval, perplexity,
+                                  split_prompt, wilson)
 from minprefix.generate import generate
 from minprefix.prefix import KVPrefix
 
@@ -71,6 +72,23 @@ def test_vader_gap_and_accuracies_follow_the_judge(offline_model, monkeypatch):
     assert row["acc_intended"] == 1.0 and row["acc_flipped"] == 1.0 and row["vader_gap"] == pytest.approx(2.0)
     assert row["n_generations"] == 6 and row["acc_intended_ci"][0] > 0.5
     assert row["alpha_sweep"][1.0] == 1.0 and row["alpha_sweep"][0.0] == -1.0  # alpha 1 is all positive prefix
+
+
+def test_the_sweep_mixes_by_label_name_for_a_negative_first_checkpoint(offline_model, monkeypatch):
+    """Labels stored negative-first: alpha 1 is still all positive prefix, so the dial rises (issue 30: it was
+    reversed, with a negative slope, while the plot said alpha * positive)."""
+    import minprefix.evaluation as evaluation
+    labels = ["negative", "positive"]
+    examples = [Example("one two three four", "positive", "t:1"), Example("five six seven eight", "negative", "t:2")]
+
+    def fake(model, tok, prompts, weights, prefix, max_new_tokens, seed, progress=None, **kw):
+        return [" good" if w[1] > 0.5 else " bad" if w[1] < 0.5 else " so so" for w in weights]  # w[1]: positive's
+    monkeypatch.setattr(evaluation, "continue_prompts", fake)
+    prefix = KVPrefix(offline_model.config, 2, 2)
+    row = evaluate_prefix(offline_model, Tokenizer(), WordJudge(), examples, labels, prefix, n_samples=1,
+                          sweep_samples=2, max_new_tokens=4, sweep_prompts=["The food"])
+    assert row["alpha_sweep"][1.0] == 1.0 and row["alpha_sweep"][0.0] == -1.0 and row["alpha_sweep"][0.5] == 0.0
+    assert row["dial_slope"] > 0 and row["vader_gap"] == pytest.approx(2.0)
 
 
 def test_wilson_interval():
