@@ -125,12 +125,14 @@ def train_until(args, line_starts, cwd=REPO):
     proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *map(str, args)], cwd=cwd, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"),
                             preexec_fn=ctrl_c_on)
+    seen = []
     for line in proc.stdout:
+        seen.append(line)
         if line.startswith(line_starts):
             break
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=300)
-    return proc.returncode, stdout, stderr
+    return proc.returncode, "".join(seen) + stdout, stderr
 
 
 def test_ctrl_c_keeps_a_usable_checkpoint(offline_model_dir, offline_model, tmp_path):
@@ -172,8 +174,8 @@ def test_resume_after_ctrl_c_ends_with_the_uninterrupted_prefix(offline_model_di
     a, _ = load_prefix(tmp_path / "whole.safetensors")
     b, meta = load_prefix(out)
     assert (a.table() - b.table()).abs().max().item() <= 1e-6 and meta["info"]["epoch"] == 3
-    p = run("train.py", *common, "--out", out, "--resume", check=False)  # finished: no state left to resume from
-    assert p.returncode == 2 and "no saved state" in p.stderr and "--keep-resume-state" in p.stderr
+    p = run("train.py", *common, "--out", out, "--resume")  # finished: its state is gone, and nothing is left to do
+    assert "finished all its 3 epochs: nothing left to do" in p.stdout and "--keep-resume-state" in p.stdout
 
 
 def test_resume_extends_a_run_and_says_when_nothing_is_left(offline_model_dir, small_data, tmp_path):
@@ -476,3 +478,59 @@ def test_alpha_is_refused_where_no_label_is_called_positive(offline_model, tmp_p
     assert "--weights" in p.stderr and "good, bad" in p.stderr
     p = run("sample.py", "--prefix", path, "--n", 1, "--max-new-tokens", 2)  # no flag: an even mix, said so
     assert "0.5*good, 0.5*bad" in p.stdout
+
+
+# ---- issue 30: a new run never silently replaces a finished one; what train.py says of its run ----
+
+def test_a_finished_checkpoint_is_kept_from_a_new_run(offline_model_dir, small_data, tmp_path):
+    """The same command twice: the second is refused up front, naming the finished run at --out and the ways on;
+    --resume says there is nothing left to do (exit 0); --overwrite moves the old run aside before its first
+    write, so that Ctrl-C in the new run leaves the finished checkpoint, its history and loss plot as they were."""
+    out = tmp_path / "prefix.safetensors"
+    command = ["--model", offline_model_dir, "--data", small_data / "train.jsonl", "--val-data",
+               small_data / "test.jsonl", "--limit", 8, "--epochs", 1, "--out", out]
+    run("train.py", *command)
+    files = {name: (tmp_path / name).read_bytes() for name in ("prefix.safetensors", "prefix.history.json",
+                                                               "prefix.loss.png")}
+    p = run("train.py", *command, check=False)
+    assert p.returncode == 2 and f"--out {out} holds a finished run" in p.stderr, p.stderr
+    assert "--resume" in p.stderr and "--overwrite" in p.stderr and "epoch 1:" not in p.stdout
+    assert {name: (tmp_path / name).read_bytes() for name in files} == files
+    p = run("train.py", *command, "--resume")
+    assert "finished all its 1 epochs: nothing left to do" in p.stdout
+    code, stdout, stderr = train_until([*command[:-4], "--epochs", 50, "--out", out, "--overwrite"], "epoch 1:")
+    assert code == 130, stderr
+    assert f"moved the previous run's files aside: {tmp_path / 'prefix.previous.safetensors'}" in stdout
+    assert {name: (tmp_path / name.replace("prefix.", "prefix.previous.", 1)).read_bytes() for name in files} == files
+    assert load_prefix(out)[1]["info"]["epochs"] == 50  # the new run's, interrupted, where it was asked to write
+
+
+def test_max_steps_sets_the_epochs_reported_and_stored_and_a_short_run_warns_of_its_warm_up(offline_model_dir,
+                                                                                            small_data, tmp_path):
+    """8 examples in batches of 2 are 4 steps an epoch: --max-steps 6 is 2 epochs, whatever --epochs says (issue
+    30: the log said 10 epochs, the checkpoint too); a warm-up longer than the run never reaches the peak rate."""
+    out = tmp_path / "p.safetensors"
+    p = run("train.py", "--model", offline_model_dir, "--data", small_data / "train.jsonl", "--val-data",
+            small_data / "test.jsonl", "--limit", 8, "--val-limit", 2, "--epochs", 10, "--max-steps", 6, "--warmup",
+            10, "--keep", "last", "--out", out)
+    assert "batch 2, 2 epochs (6 steps)" in p.stdout and "10 epochs" not in p.stdout
+    assert "--warmup 10 does not end within the run's 6 steps" in p.stderr
+    info = load_prefix(out)[1]["info"]
+    assert info["epochs"] == 2 and info["epoch"] == 2 and info["steps"] == 6
+
+
+def test_batch_size_given_with_an_equals_sign_is_honoured_and_reference_recipe_refused_on_tables(
+        offline_model_dir, tmp_path):
+    """E2E LoRA's default batch is 8, but --batch-size=10 is a batch of 10, as --batch-size 10 is (issue 30: only
+    the spaced form was seen); --recipe reference is labelled text's: refused on source -> text data."""
+    data = tmp_path / "tables.txt"
+    data.write_text("".join(f"name : Pub{i} | Type : pub||Pub{i} is a pub .\n" for i in range(4)))
+    common = ["--model", offline_model_dir, "--data", data, "--val-data", data, "--mode", "lora", "--max-steps", 1,
+              "--warmup", 0]
+    for i, form in enumerate((["--batch-size=10"], ["--batch-size", "10"])):
+        p = run("train.py", *common, *form, "--out", tmp_path / f"{i}.safetensors")
+        assert "batch 10," in p.stdout, form
+    p = run("train.py", *common, "--out", tmp_path / "d.safetensors")
+    assert "batch 8," in p.stdout  # the LoRA paper's E2E batch, the default
+    p = run("train.py", *common, "--recipe", "reference", "--out", tmp_path / "r.safetensors", check=False)
+    assert p.returncode == 2 and "--recipe reference" in p.stderr and "source -> text" in p.stderr
