@@ -136,6 +136,8 @@ def main(argv=None):
         value = getattr(args, flag)
         if value is not None and value < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    if fast.enabled():
+        fast.keep_freed_memory()  # a process-wide malloc setting: the script's to choose, not the library's
     return e2e(p, args) if args.task == "e2e" else sentiment(p, args)
 
 

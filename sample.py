@@ -165,6 +165,8 @@ def main(argv=None):
         if args.top_k is not None and args.top_k < 1:
             p.error(f"--top-k must be at least 1, got {args.top_k}")
 
+    if fast.enabled():
+        fast.keep_freed_memory()  # a process-wide malloc setting: the script's to choose, not the library's
     args.prefix = args.prefix or latest(DEFAULT_CHECKPOINT)
     meta = read_meta(args.prefix)
     conditional = bool(meta["info"].get("conditional"))
