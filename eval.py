@@ -8,9 +8,10 @@ at alpha 0, 0.25, 0.5, 0.75, 1 with its 95% interval, the dial's slope, and whet
 
   python eval.py --prefix weights/embedding.safetensors weights/kv.safetensors weights/kv-mlp.safetensors
 
-E2E: every test table decoded as the paper decodes it (beam 5, at least 5 and at most 100 new tokens, newlines
-banned) under the task prefix, or by a fine-tuned model folder (--model without --prefix), and scored with the
-official e2e-metrics definitions of BLEU, NIST, ROUGE-L and CIDEr (minprefix/e2e_metrics.py).
+E2E: every test table decoded as the paper decodes it (beam 5, at most 100 new tokens, newlines banned; and at
+least 5 new tokens, where the paper's min_length=5 counted the prompt) under the task prefix, or by a fine-tuned
+model folder (--model without --prefix), and scored with the official e2e-metrics definitions of BLEU, NIST,
+ROUGE-L and CIDEr (minprefix/e2e_metrics.py).
 
   python eval.py --task e2e --prefix weights/e2e-prefix.safetensors --data ../shared/data/e2e/test.txt.gz
   python eval.py --task e2e --model weights/e2e-finetuned --limit 50

@@ -1,9 +1,10 @@
 """The prefix-tuning paper's own task, E2E table-to-text, decoded and scored as the paper did.
 
 Decoding (the paper's gpt2/run_generation.py): the prompt is ` {table} <|endoftext|>`; beam search with 5
-beams, at least 5 new tokens, the newline tokens 198 and 628 banned, stop at <|endoftext|>, at most 100 new
-tokens; one output per test table, stripped. Scoring: minprefix/e2e_metrics.py, the official e2e-metrics
-definitions (BLEU, NIST, ROUGE-L, CIDEr; METEOR needs Java and is left out).
+beams, the newline tokens 198 and 628 banned, stop at <|endoftext|>, at most 100 new tokens; one output per test
+table, stripped. At least 5 new tokens is ours: the paper's min_length=5 counted the prompt too (transformers
+3.x), which is always longer, so it held nothing back (minprefix/beam.py). Scoring: minprefix/e2e_metrics.py, the
+official e2e-metrics definitions (BLEU, NIST, ROUGE-L, CIDEr; METEOR needs Java and is left out).
 """
 import json
 import math
@@ -20,7 +21,8 @@ from minprefix.e2e_metrics import e2e_scores
 from minprefix.files import atomic_path
 from minprefix.generate import pad_left
 
-DECODING = dict(num_beams=5, min_new_tokens=5, banned=(198, 628), max_new_tokens=100)  # the paper's
+# the paper's beams, banned newlines and length; min_new_tokens=5 is not its min_length=5, which counted the prompt
+DECODING = dict(num_beams=5, min_new_tokens=5, banned=(198, 628), max_new_tokens=100)
 
 
 def read_tables(path, limit=None):

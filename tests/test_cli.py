@@ -306,7 +306,9 @@ def test_e2e_slice_end_to_end(offline_model_dir, tmp_path):
     scores = result["scores"]  # real numbers in their ranges, never NaN
     assert 0 <= scores["bleu"] <= 100 and 0 <= scores["rouge_l"] <= 100 and 0 <= scores["cider"] <= 10
     assert scores["nist"] is None or 0 <= scores["nist"] <= 15
-    assert all(o.strip() for o in outputs)  # at least 5 new tokens each (min_new_tokens): never empty
+    # one line per table, whatever an output holds: min_new_tokens=5 holds <|endoftext|> back for 5 tokens, but
+    # spaces are tokens too and strip to nothing, so an output may be blank (the low-data study counts those)
+    assert (tmp_path / "eval/e2e_outputs.txt").read_text().count("\n") == 3
     assert result["settings"]["num_beams"] == 5 and result["settings"]["banned"] == [198, 628]
     assert "| BLEU | NIST | ROUGE-L | CIDEr |" in p.stdout
     run("train.py", *common, "--mode", "finetune", "--out", tmp_path / "ft")
