@@ -12,9 +12,10 @@ their perplexity under the bare model against that of the bare model's own sampl
 
   python eval.py --prefix weights/embedding.safetensors weights/kv.safetensors weights/kv-mlp.safetensors
 
-E2E: every test table decoded as the paper decodes it (beam 5, at least 5 and at most 100 new tokens, newlines
-banned) under the task prefix, or by a fine-tuned model folder (--model without --prefix), and scored with the
-official e2e-metrics definitions of BLEU, NIST, ROUGE-L and CIDEr (minprefix/e2e_metrics.py).
+E2E: every test table decoded as the paper decodes it (beam 5, at most 100 new tokens, newlines banned; and at
+least 5 new tokens, where the paper's min_length=5 counted the prompt) under the task prefix, or by a fine-tuned
+model folder (--model without --prefix), and scored with the official e2e-metrics definitions of BLEU, NIST,
+ROUGE-L and CIDEr (minprefix/e2e_metrics.py).
 
   python eval.py --task e2e --prefix weights/e2e-prefix.safetensors --data ../shared/data/e2e/test.txt.gz
   python eval.py --task e2e --model weights/e2e-finetuned --limit 50
@@ -215,6 +216,8 @@ def main(argv=None):
         p.error(f"--alphas: two or more values in [0, 1], got {' '.join(map(str, args.alphas))}")
     if any(g < 0 for g in args.guidance):
         p.error(f"--guidance must be >= 0, got {' '.join(map(str, args.guidance))}")
+    if fast.enabled():
+        fast.keep_freed_memory()  # a process-wide malloc setting: the script's to choose, not the library's
     return e2e(p, args) if args.task == "e2e" else sentiment(p, args)
 
 

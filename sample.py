@@ -1,5 +1,6 @@
 """Write with a trained checkpoint (prefix, LoRA or fine-tuned model): one label (--sentiment) or a mix (--alpha:
-alpha * positive + (1 - alpha) * negative; --weights: one weight per label).
+alpha * positive + (1 - alpha) * negative, by the labels' names; --weights: one weight per label, in the
+checkpoint's order).
 
   python sample.py --alpha 1.0                       # positive
   python sample.py --alpha 0.5 --prompt "The labs"   # halfway; at a terminal the text appears as it is written
@@ -29,7 +30,7 @@ from minprefix.beam import hypotheses
 from minprefix.generate import pad_left, stream
 from minprefix.guidance import ANCHORS, DEFAULT_ANCHOR, DEFAULT_STRENGTH, guide
 from minprefix.method import latest, load, read_meta
-from minprefix.prefix import DEFAULT_CHECKPOINT, label_weights
+from minprefix.prefix import DEFAULT_CHECKPOINT, mix_weights
 
 SAMPLING = {"temperature": 0.8, "top_p": 0.9, "top_k": None, "seed": 0}  # defaults when sampling, not with beams
 
@@ -41,10 +42,13 @@ def parser():
                    f"writes alone, no prefix (the baseline) (default: the one train.py wrote last, else "
                    f"{DEFAULT_CHECKPOINT})")
     tone = p.add_mutually_exclusive_group()
-    tone.add_argument("--alpha", type=float, help="weight of the first label (positive) against the second "
-                      "(negative): 1.0 positive, 0.0 negative (default: 0.5 with two labels)")
-    tone.add_argument("--sentiment", help="one label alone, e.g. positive")
-    tone.add_argument("--weights", help="one weight per label, comma-separated, in the checkpoint's label order")
+    tone.add_argument("--alpha", type=float, help="weight of the label called positive, the other label getting "
+                      "1 - alpha: 1.0 positive, 0.0 negative, whatever order the checkpoint stores its labels in; "
+                      "for two labels one of which is called positive (else --weights) (default: an even mix of "
+                      "two labels)")
+    tone.add_argument("--sentiment", help="one label alone, by name, e.g. positive")
+    tone.add_argument("--weights", help="one weight per label, comma-separated, in the checkpoint's label order "
+                      "(the order the first line of the output shows, e.g. 0.5*positive, 0.5*negative)")
     p.add_argument("--extrapolate", action="store_true", help="allow --alpha outside [0, 1]")
     p.add_argument("--guidance", type=float, help="strength of guidance at the logits: each sample decoded as an "
                    "anchor and each label alone, its next token drawn from z_anchor + strength * (2 alpha - 1) * "
@@ -150,32 +154,31 @@ def tone(p, args, meta, mixes):
             p.error(f"{given[0]}: {args.prefix} is {what}: it has no labels to mix (train a prefix or a LoRA for that)")
         return torch.ones(1, 1), {}
     if args.alpha is not None:
-        if len(labels) != 2:
-            p.error(f"--alpha mixes two labels; {args.prefix} has {len(labels)} ({', '.join(labels)}): "
-                    + ("it has nothing to mix" if len(labels) == 1 else "give one weight per label with --weights"))
+        if len(labels) != 2 or "positive" not in labels:
+            p.error(f"--alpha weighs the label called positive against the other one; {args.prefix} has "
+                    f"{len(labels)} label{'s' if len(labels) > 1 else ''} ({', '.join(labels)}): "
+                    + ("it has nothing to mix" if len(labels) == 1 else
+                       "give one weight per label with --weights, in that order"))
+        other = next(l for l in labels if l != "positive")
         if not 0.0 <= args.alpha <= 1.0 and not args.extrapolate:
-            p.error(f"--alpha must be in [0, 1] (1.0 = {labels[0]}, 0.0 = {labels[1]}), got {args.alpha}; "
+            p.error(f"--alpha must be in [0, 1] (1.0 = positive, 0.0 = {other}), got {args.alpha}; "
                     f"add --extrapolate to go beyond")
-        return label_weights(2, alpha=args.alpha), {"alpha": args.alpha}
-    if args.sentiment is not None:
-        if args.sentiment not in labels:
+        return mix_weights(labels, alpha=args.alpha), {"alpha": args.alpha}
+    try:
+        w = mix_weights(labels, label=args.sentiment, weights=None if args.weights is None else
+                        [float(x) for x in args.weights.split(",")])
+    except ValueError as e:
+        if args.sentiment is not None:
             p.error(f"--sentiment {args.sentiment!r}: this checkpoint knows {', '.join(labels)}")
-        w = label_weights(len(labels), label=labels.index(args.sentiment))
-        return w, {"weights": dict(zip(labels, w[0].tolist()))}
-    if args.weights is not None:
-        try:
-            values = [float(w) for w in args.weights.split(",")]
-            w = label_weights(len(labels), weights=values)
-        except ValueError as e:
+        if args.weights is not None:
             p.error(f"--weights {args.weights!r}: {e}; give {len(labels)} numbers, one per label "
                     f"({', '.join(labels)})")
-        return w, {"weights": dict(zip(labels, w[0].tolist()))}
-    if len(labels) == 1:
-        return label_weights(1, label=0), {}
-    if len(labels) == 2:
-        return label_weights(2, alpha=0.5), {"alpha": 0.5}
-    p.error(f"{args.prefix} has {len(labels)} labels ({', '.join(labels)}): choose one with --sentiment, or a mix "
-            f"with --weights (one weight per label)")
+        p.error(f"{args.prefix} has {len(labels)} labels ({', '.join(labels)}): choose one with --sentiment, or a "
+                f"mix with --weights (one weight per label)")
+    weights = {"weights": dict(zip(labels, w[0].tolist()))}
+    if args.sentiment is None and args.weights is None:  # nothing asked: one label alone, or two evenly
+        return w, {} if len(labels) == 1 else {"alpha": 0.5} if "positive" in labels else weights
+    return w, weights
 
 
 def main(argv=None):
@@ -220,6 +223,8 @@ def main(argv=None):
         if args.top_k is not None and args.top_k < 1:
             p.error(f"--top-k must be at least 1, got {args.top_k}")
 
+    if fast.enabled():
+        fast.keep_freed_memory()  # a process-wide malloc setting: the script's to choose, not the library's
     args.prefix = args.prefix or latest(DEFAULT_CHECKPOINT)
     meta = read_meta(args.prefix)
     conditional = bool(meta["info"].get("conditional"))

@@ -6,6 +6,7 @@
   python train.py --data ../shared/data/e2e/train.txt.gz             # E2E with the paper's recipe (below)
   python train.py --data ../shared/data/e2e/train.txt.gz --mode finetune   # the paper's fine-tuning baseline
   python train.py --resume                          # continue the run whose checkpoint is at --out
+  python train.py --overwrite                       # start afresh where a run is: it is moved to *.previous.*
 
 Defaults follow the data and the method (any flag given overrides its default):
   labelled text (JSONL {"text", "sentiment"}): 10 epochs, batch 2, prefix length 10; lr 5e-3 for a K/V prefix
@@ -28,7 +29,8 @@ from minprefix import GPT2, Tokenizer, fast
 from minprefix.data import FORMATS, encode, file_digest, label_names, read_data
 from minprefix.lora import DEFAULT_TARGETS, check_targets
 from minprefix.method import MODES, build, remember
-from minprefix.trainer import NothingToResume, loss_plot_path, state_path, train
+from minprefix.trainer import (NothingToResume, aside_path, loss_plot_path, move_aside, plan, read_history,
+                               run_files, state_path, train)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # (labelled text, source -> text) per setting; lr per mode
@@ -75,9 +77,10 @@ def parser():
                    "under its own label's prefix (or LoRA) than under the others' (Qian et al. 2022); costs about one "
                    "more forward and backward per extra label (default: %s for labelled text with two or more labels, "
                    "0 otherwise)" % CONTRASTIVE)
-    p.add_argument("--recipe", default="steer", choices=["steer", "reference"],
+    p.add_argument("--recipe", choices=["steer", "reference"],
                    help="labelled text's defaults: steer (learning rates that turn the dial within the run) or "
-                        "reference (the brief's setup: batch 2, lr 5e-5) (default: %(default)s)")
+                        "reference (the brief's setup: batch 2, lr 5e-5); source -> text data has the paper's E2E "
+                        "recipe instead (default: steer)")
     p.add_argument("--epochs", type=int, help="(default: 10; E2E 5)")
     p.add_argument("--batch-size", type=int, help="(default: 2; E2E 10, E2E LoRA 8)")
     p.add_argument("--lr", type=float, help="peak learning rate, decayed linearly to 0 (default: by method, above)")
@@ -99,6 +102,9 @@ def parser():
                         "lowest held-out loss whatever the labels) or the last (default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue the run at --out after its last finished epoch "
                    "(a larger --epochs extends it); refused if the data, the base model or a hyperparameter differs")
+    p.add_argument("--overwrite", action="store_true", help="start a new run where --out already holds one: its "
+                   "checkpoint, history, loss plot and resume state are first moved to <name>.previous.* (without "
+                   "this flag, or --resume, such a run is refused)")
     p.add_argument("--keep-resume-state", action="store_true", help="keep the resume state after the last epoch, so "
                    "that --resume --epochs N can extend the run later (default: removed once the run has finished)")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES),
@@ -116,8 +122,13 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.reference:
         os.environ["MINPREFIX_REFERENCE"] = "1"
+    if args.resume and args.overwrite:
+        p.error("--resume continues the run at --out, --overwrite starts a new one there: give one of them")
     train_set = read_data(args.data, format=args.format)
     conditional = train_set[0].source is not None
+    if conditional and args.recipe == "reference":
+        p.error(f"--recipe reference is labelled text's reference setup (batch 2, lr 5e-5); --data {args.data} is "
+                f"source -> text, trained with the paper's E2E recipe: drop --recipe, or set --lr and --batch-size")
     if args.mode != "kv":
         if args.mlp:
             p.error(f"--mlp reparametrizes the K/V prefix; --mode {args.mode} has none")
@@ -135,15 +146,15 @@ def main(argv=None):
         p.error(f"--contrastive must be >= 0, got {args.contrastive}")
     if args.mode == "finetune" and args.dtype != "float32":
         p.error(f"--mode finetune trains every weight in place: use --dtype float32, not {args.dtype}")
+    recipe = "source" if conditional else ("reference" if args.recipe == "reference" else "labelled")
+    lora_e2e = conditional and args.mode == "lora"
+    if lora_e2e and args.batch_size is None:
+        args.batch_size = 8  # the LoRA paper's E2E batch
     for name, (plain, e2e) in DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, e2e if conditional else plain)
-    recipe = "source" if conditional else ("reference" if args.recipe == "reference" else "labelled")
-    lora_e2e = conditional and args.mode == "lora"
     if args.lr is None:
         args.lr = LR[recipe]["kv+mlp" if args.mode == "kv" and args.mlp else args.mode]
-    if lora_e2e and args.batch_size == 10 and "--batch-size" not in (argv or sys.argv):
-        args.batch_size = 8
     args.warmup = args.warmup if args.warmup is not None else (500 if lora_e2e else 0)
     args.weight_decay = args.weight_decay if args.weight_decay is not None else (0.01 if lora_e2e else 0.0)
     if args.out is None:
@@ -159,6 +170,14 @@ def main(argv=None):
         p.error("--warmup and --weight-decay must be >= 0")
     if args.val_data is None:
         args.val_data = os.path.join(os.path.dirname(args.data), "valid.txt.gz") if conditional else "data/test.jsonl"
+    there = run_files(args.out)
+    if there and not args.resume and not args.overwrite:  # said before anything is loaded, and nothing is touched
+        history = read_history(args.out)
+        what = ("a finished run" if history and history.get("finished") else "an unfinished run" if history
+                else "a run's files")
+        p.error(f"--out {args.out} holds {what} ({', '.join(there)}): a new run would replace it. --resume "
+                f"continues that run; --overwrite starts a new one, moving those files to "
+                f"{aside_path(args.out)} first; or give another --out")
 
     labels = label_names(train_set)
     steers = not conditional and len(labels) > 1 and args.mode != "finetune"
@@ -191,6 +210,11 @@ def main(argv=None):
         p.error(f"--prefix-len {P} leaves {room} of the model's {model.config.n_positions} positions: a text needs "
                 f"at least 3 (<|endoftext|>, a word, <|endoftext|>)")
     train_items, val_items = (encode(s, tok, labels, room) for s in (train_set, val_set))
+    steps_per_epoch, args.epochs, total = plan(len(train_items), args.batch_size, args.epochs, args.max_steps)
+    if args.warmup and args.warmup >= total:
+        print(f"warning: --warmup {args.warmup} does not end within the run's {total} steps: the learning rate "
+              f"rises to {(total - 1) / args.warmup:.0%} of --lr {args.lr:g} at the last step, never reaching it, "
+              f"and never decays", file=sys.stderr)
 
     base = model.num_params()
     trainable = sum(q.numel() for q in method.parameters())
@@ -203,7 +227,8 @@ def main(argv=None):
             f"{', '.join(targets or ())})"}.get(args.mode, f"prefix ({args.mode}{', MLP' if args.mlp else ''}, "
                                                            f"{args.prefix_len} positions)")
     print(f"{what}: {trainable:,} trainable parameters ({100 * trainable / base:.2f}% of the base); lr {args.lr:g}, "
-          f"batch {args.batch_size}, {args.epochs} epochs" + (f", warm-up {args.warmup}" if args.warmup else "")
+          f"batch {args.batch_size}, {args.epochs} epochs ({total} steps)"
+          + (f", warm-up {args.warmup}" if args.warmup else "")
           + (f", weight decay {args.weight_decay:g}" if args.weight_decay else "")
           + (f", contrastive term x{args.contrastive:g}" if args.contrastive else ""))
 
@@ -216,6 +241,10 @@ def main(argv=None):
             "task": task,
             "conditional": conditional, "dtype": args.dtype, "init": args.init, "recipe": recipe,
             "contrastive": args.contrastive}
+    if args.overwrite and there:
+        print(f"moved the previous run's files aside: {', '.join(move_aside(args.out))}")
+    if fast.enabled():
+        fast.keep_freed_memory()  # a process-wide malloc setting: the script's to choose, not the library's
     t0 = time.time()
     try:
         history = train(model, method, train_items, val_items, labels, args.out, epochs=args.epochs,

@@ -192,6 +192,7 @@ def sampler(side, folder, device):  # -> sample(batch, new_tokens): one side's d
     if side.startswith("minprefix"):
         from minprefix import fast
         model = fast.decoding_model(folder, side_dtype(side), device).requires_grad_(False)
+        fast.keep_freed_memory()  # as sample.py runs
         return ours_sampler(model, device)
     if side.startswith("ct2"):
         return ct2_sampler(folder, side.split("-", 1)[1], torch.get_num_threads())
@@ -273,6 +274,7 @@ def beam_workload(side, device, repeats, model_dir=OFFLINE):
     tok = Tokenizer()
     tables = read_tables(os.path.join(REPO, "..", "shared", "data", "e2e", "test.txt.gz"), 10)
     model = fast.decoding_model(model_dir, side_dtype(side), device).requires_grad_(False)
+    fast.keep_freed_memory()  # as eval.py runs
     torch.manual_seed(0)
     prefix = build("kv", model, ["task"], tok, 5, True)
     idx, real = pad_left([source_prompt(tok, t) for t, _ in tables], tok.eot, device=device)

@@ -112,6 +112,7 @@ def beam(dtype_name):
     newlines = tok.newlines
     idx, real = e2e_prompts(tok)
     model = fast.decoding_model(MODEL, dtype_name).requires_grad_(False)
+    fast.keep_freed_memory()  # as eval.py and sample.py run
     torch.manual_seed(0)
     prefix = build("kv", model, ["task"], tok, 5, True)
 
@@ -132,6 +133,7 @@ def bound(dtype_name):
     idx, _ = e2e_prompts(Tokenizer())
     B, S = 50, 5 + idx.size(1)  # 5 prefix positions
     model = fast.decoding_model(MODEL, dtype_name).requires_grad_(False)
+    fast.keep_freed_memory()  # as eval.py and sample.py run
     plain = GPT2.from_pretrained(MODEL, dtype=model.dtype).requires_grad_(False)
     c = model.config
     torch.manual_seed(0)
@@ -333,7 +335,7 @@ if __name__ == "__main__":
             print(f"\n{name}: " + (f"compiled in {c:.1f} s" if isinstance(c, float) else c))
         sys.exit()
     if args.only == "pieces":
-        fast.keep_freed_memory()  # as the fast path runs (training() and beam() set it for the steps)
+        fast.keep_freed_memory()  # as the scripts run (training() and beam() set it for the steps)
         print(pieces() + "\n\n" + allocator())
         sys.exit()
     train32, train16 = training(torch.float32), training(torch.bfloat16)

@@ -33,16 +33,15 @@ VARIANTS = {"K/V prefix + MLP": ["--mode", "kv", "--mlp"], "K/V prefix (table)":
             "embedding-only prefix": ["--mode", "embedding"]}
 
 
-def data():
-    return slice_of(os.path.join(DATA, "slice-5000"), 5000, 500)
+def data(write=True):
+    return slice_of(os.path.join(DATA, "slice-5000"), 5000, 500, write=write)
 
 
 def one(folder, flags, report=False):
-    """One run at this budget (flags: the method's and its rate); report: its result if finished, else None."""
-    if report:
-        return run(folder, [], report=True)
-    train_file, dev_file = data()
-    return run(folder, ["--data", train_file, "--val-data", dev_file, *COMMON, *flags])
+    """One run at this budget (flags: the method's and its rate); report: its result if finished with these
+    settings, else None (no data written, nothing trained)."""
+    train_file, dev_file = data(write=not report)
+    return run(folder, ["--data", train_file, "--val-data", dev_file, *COMMON, *flags], report=report)
 
 
 def lr_study(out, report=False):
@@ -72,7 +71,11 @@ def length_study(out, report=False):
             if not report:
                 print(f"== prefix length: {variant}, P={P}", flush=True)
             rate = lr if "MLP" in variant else "5e-3"
-            kind = f"{variant.split()[0].replace('/', '')}-{'mlp' if 'MLP' in variant else 'plain'}-{P}"  # KV-mlp-5
+            if rate is None:  # --report before any lr run has finished: no rate, so no run to look for
+                results[variant][P] = []
+                continue
+            kind = (f"{variant.split()[0].replace('/', '')}-{'mlp' if 'MLP' in variant else 'plain'}-{P}"
+                    f"-lr{rate}")  # KV-mlp-5-lr3e-4: the MLP's rate is the lr study's best, which can change
             r = one(os.path.join(out, "length", kind), [*flags, "--prefix-len", str(P), "--lr", rate], report)
             results[variant][P] = [r] if r is not None else []
     return results, lr

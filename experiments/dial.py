@@ -11,7 +11,8 @@ evaluated beside them: which rule keeps the epoch that steers. It writes runs/di
 runs/dial/dial.png and prints the table the README shows.
 
   export MINPREFIX_MODEL=../shared/models/imdb-gpt2-19m TIKTOKEN_CACHE_DIR=../shared/tiktoken
-  python experiments/dial.py                   # resumes: finished runs and evaluations are skipped
+  python experiments/dial.py                   # resumes: finished runs, and evaluations made with the same
+                                               # checkpoints (by content), base model and settings, are skipped
   python experiments/dial.py --data summer-school --methods kv-mlp lora --reference
 """
 import argparse
@@ -27,6 +28,9 @@ import eval as evaluate_script  # noqa: E402  (the scripts' own code, not copies
 import train as train_script  # noqa: E402
 from minprefix.method import read_meta  # noqa: E402
 from minprefix.trainer import history_path  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import base_model, differences, digest, flags  # noqa: E402
 
 SNIPPETS = os.path.join(REPO, "..", "shared", "data", "vader-snippets", "movieReviewSnippets_GroundTruth.txt")
 MOVIE_PROMPTS = ["The film", "The movie", "The plot", "The acting", "The director", "The story", "The cast",
@@ -79,6 +83,57 @@ def finished(path):
     return os.path.exists(path) and not os.path.exists(path.removesuffix(".safetensors") + ".resume.pt")
 
 
+def check_base(path):
+    """A finished checkpoint is reused only for the base model this run would train on ($MINPREFIX_MODEL)."""
+    model = train_script.parser().parse_args([]).model
+    want = os.path.abspath(os.path.expanduser(model)) if os.path.isdir(os.path.expanduser(model)) else model
+    if read_meta(path)["base_model"] != want:
+        sys.exit(f"{path} was trained on base model {read_meta(path)['base_model']}, this run's is {want}: give "
+                 f"--out another folder to keep both, or remove it to train it again")
+
+
+def trained(out, data, method, recipe, train_data, test_data):
+    """-> the checkpoint of a finished run, trained here first if need be: an unfinished run resumes from its
+    state; one with none (Ctrl-C in its first epoch) starts again, its leftovers moved aside."""
+    path = ckpt(data, method, recipe, out)
+    if finished(path):
+        check_base(path)
+        return path
+    again = ["--resume"] if os.path.exists(path.removesuffix(".safetensors") + ".resume.pt") else ["--overwrite"]
+    print(f"== train {data}/{method}-{recipe}", flush=True)
+    code = train_script.main(["--data", train_data, "--val-data", test_data, *METHODS[method], *RECIPES[recipe],
+                              "--out", path, *again])
+    if code:
+        sys.exit(f"train.py stopped ({code}) on {path}: rerun to resume")
+    return path
+
+
+def evaluation(folder, ckpts, eval_args, what):
+    """eval.py on these checkpoints with these arguments, into folder -> its eval.json. Reused only where the
+    evaluation there was made with the same checkpoints (path and content: a checkpoint retrained in place is
+    another), base model and arguments (folder/made_with.json); otherwise run again, saying why."""
+    want = {"checkpoints": [{"path": os.path.abspath(p), "sha256": digest(p)} for p in ckpts],
+            "base_model": base_model(read_meta(ckpts[0])["base_model"]), "eval_args": flags(eval_args)}
+    result, record = os.path.join(folder, "eval.json"), os.path.join(folder, "made_with.json")
+    why = None
+    if not os.path.exists(result):
+        why = ""
+    elif not os.path.exists(record):
+        why = " (the evaluation there did not record what made it)"
+    else:
+        with open(record) as f:
+            differ = differences(json.load(f), want)
+        if differ:
+            why = " (the evaluation there was made with other settings: " + "; ".join(differ) + ")"
+    if why is not None:
+        print(f"== eval {what}{why}", flush=True)
+        evaluate_script.main(["--prefix", *ckpts, *eval_args, "--out", folder])
+        with open(record, "w") as f:
+            json.dump(want, f, indent=2)
+    with open(result) as f:
+        return json.load(f)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(REPO, "runs", "dial"), help="(default: runs/dial)")
@@ -98,42 +153,16 @@ def main():
     results = {}
     for data in args.data:
         train_data, test_data, sweep = datasets[data]
-        ckpts = []
-        for method, recipe in [(m, "steer") for m in args.methods] + [(m, "reference") for m in args.reference]:
-            name = f"{data}/{method}-{recipe}"
-            path = ckpt(data, method, recipe, args.out)
-            if not finished(path):
-                resume = ["--resume"] if os.path.exists(path.removesuffix(".safetensors") + ".resume.pt") else []
-                print(f"== train {name}", flush=True)
-                code = train_script.main(["--data", train_data, "--val-data", test_data, *METHODS[method],
-                                          *RECIPES[recipe], "--out", path, *resume])
-                if code:
-                    sys.exit(f"train.py stopped ({code}) on {name}: rerun to resume")
-            ckpts.append(path)
-        folder = os.path.join(args.out, data, "eval")
-        if not os.path.exists(os.path.join(folder, "eval.json")) or \
-                json.load(open(os.path.join(folder, "eval.json")))["settings"]["prefixes"] != ckpts:
-            print(f"== eval {data}", flush=True)
-            evaluate_script.main(["--prefix", *ckpts, "--data", test_data, "--sweep-samples", str(args.sweep_samples),
-                                  "--out", folder, *(["--sweep-prompts", sweep] if sweep else [])])
-        results[data] = json.load(open(os.path.join(folder, "eval.json")))
-        selection = [ckpt(data, m, "keep-loss", args.out) for m in args.keep_loss]  # the same runs, another kept
-        for method, path in zip(args.keep_loss, selection):
-            if not finished(path):
-                print(f"== train {data}/{method}-keep-loss", flush=True)
-                code = train_script.main(["--data", train_data, "--val-data", test_data, *METHODS[method],
-                                          *RECIPES["keep-loss"], "--out", path])
-                if code:
-                    sys.exit(f"train.py stopped ({code}) on {path}: rerun to resume")
+        eval_args = ["--data", test_data, "--sweep-samples", str(args.sweep_samples),
+                     *(["--sweep-prompts", sweep] if sweep else [])]
+        ckpts = [trained(args.out, data, m, r, train_data, test_data)
+                 for m, r in [(m, "steer") for m in args.methods] + [(m, "reference") for m in args.reference]]
+        # the same runs, another epoch kept
+        selection = [trained(args.out, data, m, "keep-loss", train_data, test_data) for m in args.keep_loss]
+        results[data] = evaluation(os.path.join(args.out, data, "eval"), ckpts, eval_args, data)
         if selection:
-            other = os.path.join(args.out, data, "eval-keep-loss")
-            if not os.path.exists(os.path.join(other, "eval.json")) or \
-                    json.load(open(os.path.join(other, "eval.json")))["settings"]["prefixes"] != selection:
-                print(f"== eval {data}, kept by the loss", flush=True)
-                evaluate_script.main(["--prefix", *selection, "--data", test_data, "--no-base", "--sweep-samples",
-                                      str(args.sweep_samples), "--out", other,
-                                      *(["--sweep-prompts", sweep] if sweep else [])])
-            rows = json.load(open(os.path.join(other, "eval.json")))["rows"]
+            rows = evaluation(os.path.join(args.out, data, "eval-keep-loss"), selection, ["--no-base", *eval_args],
+                              f"{data}, kept by the loss")["rows"]
             results[data]["rows"][-1:-1] = rows[:-1]  # before the held-out texts' own row
             ckpts += selection
         for path, row in zip(ckpts, results[data]["rows"][1:]):

@@ -43,17 +43,21 @@ def method_args(method, init=TASK_WORDS):
     return ["--mode", "lora", "--lora-rank", "4", "--lora-alpha", "32", "--lora-targets", "q,v", "--lr", "2e-4"]
 
 
+def run_args(method, size, sub, init=TASK_WORDS, write=True):
+    """-> (train.py's arguments, the task words put before each table or None) for one run of the protocol; write
+    False: the data's paths, not drawn where they are missing."""
+    words = None if method == "prefix" else TASK_WORDS
+    train_file, dev_file = subsample(os.path.join(DATA, f"low-{size}-{sub}"), size, seed=1000 * size + sub,
+                                     words=words, write=write)
+    return (["--data", train_file, "--val-data", dev_file, *COMMON, "--max-steps", str(STEPS[method][size]),
+             "--seed", str(sub), *method_args(method, init)], words)
+
+
 def one(out, method, size, sub, init=TASK_WORDS, name=None, report=False):
     """One run of the protocol -> its result (runs/<study>/<size>-<sub>-<name>/result.json); None if report and
-    not finished."""
-    folder = os.path.join(out, f"{size}-{sub}-{name or method}")
-    if report:  # a finished run's result, or None: no data drawn, nothing trained
-        return run(folder, [], report=True)
-    words = None if method == "prefix" else TASK_WORDS
-    train_file, dev_file = subsample(os.path.join(DATA, f"low-{size}-{sub}"), size, seed=1000 * size + sub, words=words)
-    args = ["--data", train_file, "--val-data", dev_file, *COMMON, "--max-steps", str(STEPS[method][size]),
-            "--seed", str(sub), *method_args(method, init)]
-    return run(folder, args, words=words)
+    not finished (or finished with other settings). report: no data drawn, nothing trained."""
+    args, words = run_args(method, size, sub, init, write=not report)
+    return run(os.path.join(out, f"{size}-{sub}-{name or method}"), args, words=words, report=report)
 
 
 def main():
@@ -76,14 +80,16 @@ def main():
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     plot_lines(os.path.join(args.out, "low_data.png"), "E2E with few examples", "training examples", results,
-               log_x=True)
-    lines = ["| training examples | " + " | ".join(f"{m} BLEU | {m} ROUGE-L" for m in args.methods) + " |",
-             "|---|" + "---|---|" * len(args.methods)]
+               metrics=("bleu", "rouge_l", "blank"), log_x=True)
+    lines = ["| training examples | " + " | ".join(f"{m} BLEU | {m} ROUGE-L | {m} blank %" for m in args.methods)
+             + " |", "|---|" + "---|---|---|" * len(args.methods)]
     for size in args.sizes:
         cells = []
         for m in args.methods:
             cells += [fmt([r["scores"]["bleu"] for r in results[m][size]], expected=args.subsamples),
-                      fmt([r["scores"]["rouge_l"] for r in results[m][size]], expected=args.subsamples)]
+                      fmt([r["scores"]["rouge_l"] for r in results[m][size]], expected=args.subsamples),
+                      fmt([100 * r["blank"] for r in results[m][size] if r.get("blank") is not None], 0,
+                          expected=args.subsamples)]
         lines.append(f"| {size} | " + " | ".join(cells) + " |")
     both = [s for s in args.sizes if {"prefix", "fine-tuning"} <= set(args.methods)
             and results["prefix"][s] and results["fine-tuning"][s]]
@@ -98,7 +104,8 @@ def main():
     print(table)
     with open(os.path.join(args.out, "low_data.md"), "w") as f:
         f.write(table + f"\n\nmean ± standard deviation [min-max] over {args.subsamples} subsamples; scored on the "
-                "first 200 E2E test tables; imdb-gpt2-19m, NOT GPT-2.\n")
+                "first 200 E2E test tables; blank %: the share of outputs that are empty or only spaces (where it "
+                "is high, BLEU and ROUGE-L measure that collapse, not the text); imdb-gpt2-19m, NOT GPT-2.\n")
     print(f"wrote {args.out}/results.json, low_data.md, low_data.png")
 
 

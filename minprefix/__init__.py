@@ -2,6 +2,7 @@
 from minprefix import fast
 from minprefix.generate import generate as reference_generate
 from minprefix.gpt2 import GPT2, GPTConfig, KVCache
+from minprefix.prefix import mix_weights
 from minprefix.tokenizer import Tokenizer
 
 
@@ -14,4 +15,4 @@ def generate(model, idx, max_new_tokens=50, **kw):
     return fast.generate(fast.accelerate(model), idx, max_new_tokens, **kw)
 
 
-__all__ = ["GPT2", "GPTConfig", "KVCache", "generate", "Tokenizer"]
+__all__ = ["GPT2", "GPTConfig", "KVCache", "generate", "mix_weights", "Tokenizer"]

@@ -3,8 +3,9 @@
 Decoding (the paper's gpt2/run_generation.py): the prompt is ` {table} <|endoftext|>`; beam search with 5
 beams, at least 5 new tokens, the newline tokens banned ("\n" and "\n\n": GPT-2's 198 and 628; the model's
 tokenizer says which ids they are), stop at <|endoftext|>, at most 100 new tokens; one output per test table,
-stripped. Scoring: minprefix/e2e_metrics.py, the official e2e-metrics definitions (BLEU, NIST, ROUGE-L, CIDEr;
-METEOR needs Java and is left out).
+stripped. At least 5 new tokens is ours: the paper's min_length=5 counted the prompt too (transformers 3.x), which
+is always longer, so it held nothing back (minprefix/beam.py). Scoring: minprefix/e2e_metrics.py, the official
+e2e-metrics definitions (BLEU, NIST, ROUGE-L, CIDEr; METEOR needs Java and is left out).
 """
 import json
 import math
@@ -21,7 +22,9 @@ from minprefix.e2e_metrics import e2e_scores
 from minprefix.files import atomic_path
 from minprefix.generate import pad_left
 
-DECODING = dict(num_beams=5, min_new_tokens=5, max_new_tokens=100)  # the paper's; banned: Tokenizer.newlines
+# the paper's beams and length (its banned newlines: Tokenizer.newlines); min_new_tokens=5 is not its min_length=5,
+# which counted the prompt
+DECODING = dict(num_beams=5, min_new_tokens=5, max_new_tokens=100)
 
 
 def read_tables(path, limit=None):

@@ -13,7 +13,7 @@ from minprefix import fast
 from minprefix.generate import generate
 from minprefix.guidance import DEFAULT_ANCHOR, guide
 from minprefix.metrics import corpus_bleu, rouge_l, rouge_n
-from minprefix.prefix import label_weights
+from minprefix.prefix import mix_weights
 
 NEUTRAL_PROMPTS = ["The summer school", "The lectures", "The food", "Our mentor", "The labs", "The city",
                    "The housing", "The organisers", "The poster session", "The last day"]
@@ -155,7 +155,7 @@ def evaluate_prefix(model, tok, judge, examples, labels, method, n_words=3, n_sa
     elif method.mixes and len(labels) == 2:
         sweep, scores, texts = {}, {}, {}
         for a in alphas:
-            w = label_weights(2, alpha=a).repeat(len(p), 1)
+            w = mix_weights(labels, alpha=a).repeat(len(p), 1)
             texts[a] = go(p, w)
             scores[a] = [judge.score(o) for o in texts[a]]
             sweep[a] = mean(scores[a])

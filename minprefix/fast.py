@@ -28,8 +28,9 @@ and is held to the reference by tests/test_fast.py.
                                                                     round); GPT-2 small's shape 2.13x
   HalfPrefixMLP         prefix.PrefixMLP's forward in a bfloat16    one label's MLP, forward and backward:
                         training step                               5.09 -> 2.85 ms (profile_steps.py)
-  keep_freed_memory     glibc's malloc defaults                     a 37.7 MB gradient (GPT-2 small's prefix
-                                                                    MLP) allocated and freed: 10.46 -> 1.32 ms
+  keep_freed_memory     glibc's malloc defaults (process-wide:      a 37.7 MB gradient (GPT-2 small's prefix
+                        the scripts opt in; the package never       MLP) allocated and freed: 10.46 -> 1.32 ms
+                        calls it)
 
 On by default; MINPREFIX_REFERENCE=1 in the environment (or --reference on train.py, sample.py, eval.py) runs
 the reference alone, end to end.
@@ -127,7 +128,6 @@ def accelerate(model):
     CPU only: on a GPU cuBLAS reads every layout at full speed and the gain is the CUDA graph in stream()."""
     if model.device.type != "cpu":
         return model
-    keep_freed_memory()
     for_training(model)
     for parent in list(model.modules()):
         for name, child in parent.named_children():
@@ -699,7 +699,8 @@ def keep_freed_memory():
     allocates tens of MB (activations, gradients); unmapped, every one comes back through page faults that
     zero it again. So every block comes from the heap, and the heap keeps what is freed. jemalloc and tcmalloc,
     which PyTorch CPU users often preload, behave like this by default.
-    No-op where there is no glibc."""
+    It holds for the whole process, for good, so the package never calls it: train.py, sample.py and eval.py do
+    (on the fast path), and a program using minprefix may. No-op where there is no glibc."""
     mallopt = glibc("mallopt")
     if mallopt is None:
         return

@@ -141,7 +141,9 @@ def make_prefix(mode, config, n_labels, prefix_len, mlp=False):
 
 
 def label_weights(n_labels, label=None, alpha=None, weights=None):
-    """One mixing weight per label -> (1, n_labels). label: a pure prefix; alpha: alpha*label0 + (1-alpha)*label1."""
+    """One mixing weight per label, by position -> (1, n_labels). label: a pure prefix (its index); alpha:
+    alpha*label0 + (1-alpha)*label1, whatever they are called: the mechanics, for tests. What a user's alpha means
+    (the label called positive) is mix_weights's."""
     if weights is not None:
         if len(weights) != n_labels:
             raise ValueError(f"{len(weights)} weights given for {n_labels} labels")
@@ -151,6 +153,37 @@ def label_weights(n_labels, label=None, alpha=None, weights=None):
             raise ValueError(f"alpha mixes two labels, this prefix has {n_labels}: give one weight per label")
         return torch.tensor([[alpha, 1.0 - alpha]])
     return nn.functional.one_hot(torch.tensor([label]), n_labels).float()
+
+
+def mix_weights(labels, alpha=None, label=None, weights=None):
+    """The mix a user asks for, over a checkpoint's labels (its order) -> (1, len(labels)) weights. At most one of:
+    alpha    alpha * the label called "positive" + (1 - alpha) * the other one, whatever the checkpoint's order
+             (a checkpoint imported negative-first turns the same way); refused unless there are two labels and
+             one is called positive
+    label    that label alone, by name
+    weights  one weight per label, in the checkpoint's order
+    None of them: one label alone, or an even mix of two (alpha 0.5)."""
+    labels = list(labels)
+    given = [name for name, v in (("alpha", alpha), ("label", label), ("weights", weights)) if v is not None]
+    if len(given) > 1:
+        raise ValueError(f"give one of alpha, label, weights, not {' and '.join(given)}")
+    n = len(labels)
+    if weights is not None:
+        return label_weights(n, weights=list(weights))
+    if label is not None:
+        if label not in labels:
+            raise ValueError(f"no label {label!r}: the labels are {', '.join(labels)}")
+        return label_weights(n, label=labels.index(label))
+    if alpha is None:
+        if n > 2:
+            raise ValueError(f"{n} labels ({', '.join(labels)}): choose one label, or give one weight per label")
+        return torch.full((1, n), 1.0 / n)
+    if n != 2 or "positive" not in labels:
+        raise ValueError(f"alpha weighs the label called positive against the other one; these labels are "
+                         f"{', '.join(labels)}: give one weight per label instead, in that order")
+    w = [0.0, 0.0]
+    w[labels.index("positive")], w[1 - labels.index("positive")] = alpha, 1.0 - alpha
+    return torch.tensor([w])
 
 
 # ---- checkpoints: the final prefix (after the MLP) and what it was trained for ----

@@ -128,11 +128,24 @@ class NothingToResume(Exception):
 
 def read_resume_state(out, run, epochs):
     """The state saved beside `out`, refused if it belongs to another run: names every setting that differs.
-    epochs may differ (a longer run extends this one); fewer epochs than already done, or as many, are refused."""
+    epochs may differ (a longer run extends this one); fewer epochs than already done, or as many, are refused.
+    A run that has finished (its history says so) removed its state: nothing left to do, unless more epochs are
+    asked for, which it cannot give."""
     path = state_path(out)
     if not os.path.isfile(path):
+        done = read_history(out)
+        if done and done.get("finished"):
+            ran = done.get("epochs") or math.ceil(len(done["step_loss"]) / done["steps_per_epoch"])
+            if epochs <= ran:
+                raise NothingToResume(f"--resume: the run at {out} finished all its {ran} epochs: nothing left to "
+                                      f"do (a run removes its resume state once it has finished; with "
+                                      f"--keep-resume-state it keeps it, so that --resume --epochs N can extend it)")
+            raise FileNotFoundError(f"--resume: the run at {out} finished its {ran} epochs and removed its resume "
+                                    f"state, so it cannot be extended to {epochs}: start afresh (--overwrite moves "
+                                    f"it aside), and keep the state with --keep-resume-state to extend a run later")
         raise FileNotFoundError(f"--resume: no saved state at {path} (a run writes it after each finished epoch and "
-                                f"removes it when it has finished all its epochs, unless --keep-resume-state)")
+                                f"removes it when it has finished all its epochs, unless --keep-resume-state); "
+                                f"--overwrite starts afresh, moving what is at {out} aside")
     state = torch.load(path, weights_only=True)
     differ = [f"{key} = {state['run'].get(key)!r}, this one asks for {value!r}" for key, value in run.items()
               if key != "epochs" and state["run"].get(key) != value]
@@ -143,6 +156,53 @@ def read_resume_state(out, run, epochs):
         raise NothingToResume(f"--resume: {path} has finished {state['epoch']} epochs of {state['run']['epochs']}: "
                               f"nothing left to do for --epochs {epochs}; give a larger --epochs to train on")
     return state
+
+
+def read_history(out):
+    """The history beside `out` (history_path), or None where there is none."""
+    try:
+        with open(history_path(out)) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+def run_files(out):
+    """-> the files a run leaves at `out` (the checkpoint, its history, loss plot, resume state) that are there."""
+    return [p for p in (str(out).rstrip("/"), history_path(out), loss_plot_path(out), state_path(out))
+            if os.path.exists(p)]
+
+
+def aside_path(out):
+    """Where move_aside would put the checkpoint at `out`: <name>.previous.safetensors (a folder: <name>.previous),
+    or .previous2, ... where that holds an older run already."""
+    out = str(out).rstrip("/")
+    stem, ext = (out.removesuffix(".safetensors"), ".safetensors") if out.endswith(".safetensors") else (out, "")
+    n = 1
+    while run_files(f"{stem}.previous{n if n > 1 else ''}{ext}"):
+        n += 1
+    return f"{stem}.previous{n if n > 1 else ''}{ext}"
+
+
+def move_aside(out):
+    """Move a run's files at `out` to aside_path(out) and beside it, each with one rename (nothing is copied, so
+    nothing is half-written), so that a new run starts on a clean --out and loses nothing. -> the new paths."""
+    out, aside = str(out).rstrip("/"), aside_path(out)
+    moved = []
+    for where in (lambda p: p, history_path, loss_plot_path, state_path):
+        if os.path.exists(where(out)):
+            os.replace(where(out), where(aside))
+            moved.append(where(aside))
+    return moved
+
+
+def plan(n_items, batch_size, epochs, max_steps=None):
+    """-> (steps per epoch, epochs, total steps). max_steps, where given, decides the epochs: as many as it takes,
+    the last cut short there."""
+    steps_per_epoch = math.ceil(n_items / batch_size)
+    if max_steps is not None:
+        epochs = math.ceil(max_steps / steps_per_epoch)
+    return steps_per_epoch, epochs, max_steps or epochs * steps_per_epoch
 
 
 def schedule(step, total, warmup=0):
@@ -162,7 +222,8 @@ def train(model, method, train_items, val_items, labels, out, epochs=5, batch_si
     every N steps (and at the end) instead of after each epoch, as the paper's low-data runs keep the best of
     them (its early stopping). contrastive: the weight of contrastive_loss's term (two or more labels that steer).
     -> history: {"step_loss", "val" (the held-out passes), "val_loss", "steps_per_epoch", "kept_epoch",
-    "kept_step", "selected_by", "interrupted", "resumed_at", "finished"}"""
+    "kept_step", "selected_by", "interrupted", "resumed_at", "finished", "epochs"}; written beside `out` after each
+    held-out pass and at the end (history_path), where "finished" tells --resume that nothing is left to do"""
     if keep not in ("best", "loss", "last"):
         raise ValueError(f"keep must be 'best', 'loss' or 'last', got {keep!r}")
     if contrastive and not (getattr(method, "steers", False) and method.n_labels > 1):
@@ -171,16 +232,12 @@ def train(model, method, train_items, val_items, labels, out, epochs=5, batch_si
     if contrastive < 0:
         raise ValueError(f"the contrastive weight must be >= 0, got {contrastive}")
     device = torch.device(device)
-    steps_per_epoch = math.ceil(len(train_items) / batch_size)
-    if max_steps is not None:
-        epochs = math.ceil(max_steps / steps_per_epoch)
-    total = max_steps or epochs * steps_per_epoch
+    steps_per_epoch, epochs, total = plan(len(train_items), batch_size, epochs, max_steps)
     run = dict(run or {}, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, group_by_length=group_by_length,
                weight_decay=weight_decay, warmup=warmup, max_steps=max_steps, eval_every=eval_every,
                contrastive=contrastive or None)
     loss_fn, nll_fn = (fast.lm_loss, fast.token_nll) if fast.enabled() else (lm_loss, token_nll)
     if fast.enabled():
-        fast.keep_freed_memory()
         fast.for_training(model, method)
     model.requires_grad_(False)
     method.requires_grad_(True)  # fine-tuning's method holds the model itself: every weight
@@ -192,7 +249,7 @@ def train(model, method, train_items, val_items, labels, out, epochs=5, batch_si
     metric, higher = selection(method, keep)
     history = {"step_loss": [], "val": [], "val_loss": [], "steps_per_epoch": steps_per_epoch, "kept_epoch": None,
                "kept_step": None, "selected_by": metric or "last", "interrupted": False, "resumed_at": None,
-               "finished": False}
+               "finished": False, "epochs": epochs}
     first = 1
     if resume:
         state = read_resume_state(out, run, epochs)
@@ -201,7 +258,7 @@ def train(model, method, train_items, val_items, labels, out, epochs=5, batch_si
         sched.load_state_dict(state["scheduler"])
         gen.set_state(state["data_order"])
         torch.set_rng_state(state["rng"])
-        history.update(json.loads(state["history"]), resumed_at=state["epoch"])
+        history.update(json.loads(state["history"]), resumed_at=state["epoch"], epochs=epochs)
         first = state["epoch"] + 1
         log(f"resuming after epoch {state['epoch']} of {epochs} from {state_path(out)}")
         if epochs != state["run"]["epochs"]:
@@ -252,7 +309,7 @@ def train(model, method, train_items, val_items, labels, out, epochs=5, batch_si
                    f"{val['steer_margin']:+.4f} nats/token" if "steer_acc" in val else "")
                 + ("  (kept)" if kept else f"  (keeping step {kept_val['step']}: {metric} {kept_val[metric]:.4f})"))
 
-    epoch = finished = first - 1
+    epoch = saved = first - 1  # saved: the epoch whose resume state is on disk (0: none yet)
     last_saved = (first - 1) * steps_per_epoch
     bar = tqdm(total=total - (first - 1) * steps_per_epoch, dynamic_ncols=True, unit="step")  # ETA: the whole run
     try:
@@ -283,8 +340,7 @@ def train(model, method, train_items, val_items, labels, out, epochs=5, batch_si
             step = len(history["step_loss"])
             if step >= total or not eval_every or step - last_saved >= eval_every:  # not every tiny epoch
                 save_state(epoch)
-                last_saved = step
-            finished = epoch
+                last_saved, saved = step, epoch
             if line:  # said once the epoch is saved: Ctrl-C after this line resumes after this epoch
                 log(line)
             if step >= total:
@@ -297,12 +353,14 @@ def train(model, method, train_items, val_items, labels, out, epochs=5, batch_si
             os.remove(state_path(out))
     except KeyboardInterrupt:
         history["interrupted"] = True
+        then = (f"--resume continues after epoch {saved}" if saved else "no resume state was saved yet (it is "
+                "written at the end of an epoch): --resume cannot continue this run")
         if history["kept_epoch"] is None:  # nothing finished yet: keep the steps taken rather than nothing
             save(epoch, interrupted=True)
-            log(f"interrupted in epoch {finished + 1}: the {method.kind} so far is saved in {out}")
+            log(f"interrupted in epoch {epoch}: the {method.kind} so far is saved in {out}; {then}")
         else:
-            log(f"interrupted in epoch {finished + 1}: {out} was left as it was, holding epoch "
-                f"{history['kept_epoch']}; --resume continues after epoch {finished}")
+            log(f"interrupted in epoch {epoch}: {out} was left as it was, holding epoch {history['kept_epoch']}; "
+                f"{then}")
     finally:
         bar.close()
     return history

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from conftest import EOT
 from minprefix import Tokenizer
 from minprefix.data import Example
-from minprefix.evaluation import continue_prompts, distinct, evaluate_prefix, perplexity, split_prompt, wilson
+from minprefix.evaluation import (continue_prompts, dial, distinct, evaluate_prefix, mean_interval, perplexity,
+                                  split_prompt, wilson)
 from minprefix.generate import generate
 from minprefix.prefix import KVPrefix
 
@@ -77,6 +78,23 @@ def test_vader_gap_and_accuracies_follow_the_judge(offline_model, monkeypatch):
     assert ends["positive"] == 1.0 and ends["negative"] == 1.0 and ends["positive_ci"][0] > 0.6
 
 
+def test_the_sweep_mixes_by_label_name_for_a_negative_first_checkpoint(offline_model, monkeypatch):
+    """Labels stored negative-first: alpha 1 is still all positive prefix, so the dial rises (issue 30: it was
+    reversed, with a negative slope, while the plot said alpha * positive)."""
+    import minprefix.evaluation as evaluation
+    labels = ["negative", "positive"]
+    examples = [Example("one two three four", "positive", "t:1"), Example("five six seven eight", "negative", "t:2")]
+
+    def fake(model, tok, prompts, weights, prefix, max_new_tokens, seed, progress=None, **kw):
+        return [" good" if w[1] > 0.5 else " bad" if w[1] < 0.5 else " so so" for w in weights]  # w[1]: positive's
+    monkeypatch.setattr(evaluation, "continue_prompts", fake)
+    prefix = KVPrefix(offline_model.config, 2, 2)
+    row = evaluate_prefix(offline_model, Tokenizer(), WordJudge(), examples, labels, prefix, n_samples=1,
+                          sweep_samples=2, max_new_tokens=4, sweep_prompts=["The food"])
+    assert row["alpha_sweep"][1.0] == 1.0 and row["alpha_sweep"][0.0] == -1.0 and row["alpha_sweep"][0.5] == 0.0
+    assert row["dial_slope"] > 0 and row["vader_gap"] == pytest.approx(2.0)
+
+
 def test_wilson_interval():
     lo, hi = wilson(60, 120)  # p = 0.5, n = 120: about +/- 9 points
     assert lo == pytest.approx(0.4119, abs=1e-4) and hi == pytest.approx(0.5881, abs=1e-4)
@@ -89,3 +107,26 @@ def test_split_prompt_and_distinct():
     assert distinct(["a b a b", "a b"], 1) == pytest.approx(2 / 6)
     assert distinct(["a b a b", "a b"], 2) == pytest.approx(2 / 4)
     assert distinct([""], 2) == 0.0
+
+
+def test_dial_slope_interval_and_decisions_on_hand_made_scores():
+    """The sweep's figures, worked by hand: x = alpha, y = VADER. Three scores at alpha 0, 0.5, 1 around -0.8, 0,
+    0.8: least squares gives slope 2.4 / 1.5 = 1.6; the residuals' squares sum to 0.18 over 9 - 2 degrees of
+    freedom, so the slope's 95% half-width is 1.96 * sqrt(0.18 / 7 / 1.5) = 0.2566. The ends' intervals (mean
+    +/- 1.96 * 0.2 / sqrt(3)) are apart, and the means rise at each step."""
+    got = dial({0.0: [-1.0, -0.8, -0.6], 0.5: [0.0, 0.1, -0.1], 1.0: [0.6, 0.8, 1.0]})
+    assert got["dial_slope"] == pytest.approx(1.6)
+    assert got["dial_slope_ci"] == pytest.approx((1.6 - 0.25662, 1.6 + 0.25662), abs=1e-5)
+    assert got["dial_monotone"] and got["dial_ends_apart"]
+    assert mean_interval([-1.0, -0.8, -0.6]) == pytest.approx((-0.8 - 0.22632, -0.8 + 0.22632), abs=1e-5)
+    # a dip in the middle: not monotone, though the ends are apart and the slope positive
+    got = dial({0.0: [-0.6, -0.4], 0.5: [-0.8, -0.6], 1.0: [0.4, 0.6]})
+    assert not got["dial_monotone"] and got["dial_ends_apart"] and got["dial_slope"] > 0
+    # noise as wide as the turn: the ends' intervals overlap and the slope's interval holds 0
+    got = dial({0.0: [-1.0, 1.0, -1.0, 1.0], 1.0: [-0.9, 1.1, -0.9, 1.1]})
+    assert got["dial_monotone"] and not got["dial_ends_apart"]
+    assert got["dial_slope"] == pytest.approx(0.1) and got["dial_slope_ci"][0] < 0 < got["dial_slope_ci"][1]
+    # a reversed dial (labels swapped): a negative slope, not monotone; its ends still apart
+    got = dial({0.0: [0.6, 0.8, 1.0], 1.0: [-1.0, -0.8, -0.6]})
+    assert got["dial_slope"] == pytest.approx(-1.6) and not got["dial_monotone"] and got["dial_ends_apart"]
+    assert all(math.isnan(v) for v in mean_interval([0.5]))  # one score: no interval

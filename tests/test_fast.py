@@ -439,3 +439,32 @@ def test_half_precision_warns_only_where_the_cpu_has_no_bfloat16_units(monkeypat
     assert fast.half_precision_note("bfloat16", "cpu") is None
     monkeypatch.setattr(fast, "cpu_has_bfloat16", lambda: None)  # unknown: no warning rather than a wrong one
     assert fast.half_precision_note("bfloat16", "cpu") is None
+
+
+def test_the_library_leaves_malloc_alone_and_the_scripts_opt_in(offline_model_dir, tmp_path, monkeypatch):
+    """keep_freed_memory changes glibc's malloc for the whole process: minprefix.generate, decoding_model and
+    trainer.train never call it (issue 30: a program calling minprefix.generate had its malloc changed); train.py
+    and sample.py do, for their own process."""
+    import minprefix
+    import sample
+    import train
+    from minprefix.data import Example, encode
+    from minprefix.trainer import train as train_loop
+    asked = []
+    monkeypatch.setattr(fast, "glibc", lambda name: asked.append(name) or (lambda *a: 0))
+    model = GPT2.from_pretrained(offline_model_dir).requires_grad_(False)
+    minprefix.generate(model, torch.tensor([[50256, 464]]), 3, temperature=0)
+    fast.decoding_model(offline_model_dir)
+    items = encode([Example("The labs were fine.", "task", "t:0")], Tokenizer(), ["task"], 100)
+    prefix = KVPrefix(model.config, 1, 2)
+    train_loop(model, prefix, items, items, ["task"], tmp_path / "p.safetensors", epochs=1, batch_size=1)
+    assert "mallopt" not in asked
+    monkeypatch.chdir(tmp_path)  # train.py records its checkpoint in weights/latest, here
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "The labs were fine.", "sentiment": "positive"}\n'
+                    '{"text": "The food was cold.", "sentiment": "negative"}\n')
+    assert train.main(["--model", str(offline_model_dir), "--data", str(data), "--val-data", str(data),
+                       "--max-steps", "1", "--out", str(tmp_path / "q.safetensors")]) == 0
+    assert asked.count("mallopt") == 1
+    assert sample.main(["--prefix", str(tmp_path / "q.safetensors"), "--n", "1", "--max-new-tokens", "2"]) == 0
+    assert asked.count("mallopt") == 2

@@ -207,7 +207,11 @@ def test_half_precision_model_float32_pairs(offline_model_dir):
     assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
                for p in lora.parameters())
     with torch.no_grad():
-        assert abs(half.item() - batch_loss(full, lora, idx[:, :-1], idx[:, 1:], labels).item()) < 0.05
+        want = batch_loss(full, lora, idx[:, :-1], idx[:, 1:], labels)
+    # bfloat16 keeps 8 significant bits: every weight and activation of the frozen model is rounded to within 2^-9
+    # of itself, and the loss (about 8 nats here) follows them. Held to one bfloat16 unit of the loss, 2^-8 = 3.9e-3
+    # relative (0.03 nats; seeds 0-3 on an Intel Xeon measured at most 1.4e-3)
+    torch.testing.assert_close(half.detach(), want, rtol=2 ** -8, atol=0)
 
 
 def test_an_int8_model_runs_the_lora_unmerged(offline_model_dir):

@@ -154,6 +154,28 @@ def test_three_labels_mix_by_one_weight_each(offline_model):
         label_weights(3, alpha=0.5)
 
 
+def test_alpha_weighs_the_label_called_positive_whatever_the_order():
+    """mix_weights: alpha goes to the label named "positive", 1 - alpha to the other, in the checkpoint's order
+    (issue 30: a checkpoint stored negative-first had its dial reversed); a label by name; weights as given."""
+    from minprefix.prefix import mix_weights
+    assert torch.equal(mix_weights(["positive", "negative"], alpha=0.75), torch.tensor([[0.75, 0.25]]))
+    assert torch.equal(mix_weights(["negative", "positive"], alpha=0.75), torch.tensor([[0.25, 0.75]]))
+    assert torch.equal(mix_weights(["negative", "positive"], label="negative"), torch.tensor([[1.0, 0.0]]))
+    assert torch.equal(mix_weights(["a", "b", "c"], weights=[0.25, 0.5, 0.25]), torch.tensor([[0.25, 0.5, 0.25]]))
+    assert torch.equal(mix_weights(["task"]), torch.tensor([[1.0]]))  # nothing asked: one label alone, two evenly
+    assert torch.equal(mix_weights(["a", "b"]), torch.tensor([[0.5, 0.5]]))
+    for labels in (["good", "bad"], ["positive", "negative", "neutral"], ["task"]):
+        with pytest.raises(ValueError, match="give one weight per label") as e:
+            mix_weights(labels, alpha=0.5)
+        assert ", ".join(labels) in str(e.value)
+    with pytest.raises(ValueError, match="'neutral': the labels are negative, positive"):
+        mix_weights(["negative", "positive"], label="neutral")
+    with pytest.raises(ValueError, match="2 weights given for 3 labels"):
+        mix_weights(["a", "b", "c"], weights=[0.5, 0.5])
+    with pytest.raises(ValueError, match="one of alpha, label, weights"):
+        mix_weights(["negative", "positive"], alpha=0.5, label="positive")
+
+
 def test_prefix_len_checked(offline_model):
     for bad in (0, -3, offline_model.config.n_positions):
         with pytest.raises(ValueError, match="prefix_len must be between 1 and"):

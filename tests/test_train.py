@@ -301,3 +301,59 @@ def test_max_steps_and_a_held_out_pass_every_n_steps(offline_model, items, tmp_p
     _, meta = load_prefix(out)
     assert meta["info"]["step"] == 6 and meta["info"]["val_loss"] == 2.0
     assert not os.path.exists(state_path(out))
+
+
+def test_ctrl_c_names_the_epoch_the_saved_state_holds(offline_model, items, tmp_path, monkeypatch):
+    """With a held-out pass every 5 steps and epochs of 3, the resume state is written after epochs 2 and 4 only
+    (not after every tiny epoch): Ctrl-C in epoch 4 must name epoch 2, the one --resume continues after (issue 30:
+    it said epoch 3, which was never saved)."""
+    fake, _ = fake_pass([{"loss": 3.0}, {"loss": 2.0}])
+
+    def second_pass_interrupts(*a, **kw):
+        if second_pass_interrupts.calls == 1:
+            raise KeyboardInterrupt
+        second_pass_interrupts.calls += 1
+        return fake(*a, **kw)
+    second_pass_interrupts.calls = 0
+    monkeypatch.setattr(trainer, "evaluate", second_pass_interrupts)
+    torch.manual_seed(0)
+    prefix = build("kv", offline_model, ["task"], Tokenizer(), 4, False)
+    one = [(ids, start, 0) for ids, start, _ in items]  # 6 texts, batch 2: 3 steps an epoch
+    out, said = tmp_path / "s.safetensors", []
+    history = train(offline_model, prefix, one, one[:2], ["task"], out, epochs=6, eval_every=5, batch_size=2,
+                    lr=1e-3, keep="best", log=said.append)
+    assert history["interrupted"] and len(history["step_loss"]) == 10  # the pass at step 10, in epoch 4
+    assert torch.load(state_path(out), weights_only=True)["epoch"] == 2
+    assert "interrupted in epoch 4" in said[-1] and "--resume continues after epoch 2" in said[-1], said[-1]
+
+
+def test_resume_after_a_finished_run_says_there_is_nothing_left(offline_model, items, tmp_path):
+    """A finished run removes its resume state, but its history says it finished: --resume has nothing to do
+    (issue 30: it said "no saved state"), and cannot extend it (the state it would need is gone)."""
+    out = tmp_path / "p.safetensors"
+    run(offline_model, fresh_prefix(offline_model, mlp=False), items, out, epochs=2)
+    assert not os.path.exists(state_path(out)) and trainer.read_history(out)["finished"]
+    with pytest.raises(trainer.NothingToResume, match="finished all its 2 epochs: nothing left to do"):
+        run(offline_model, fresh_prefix(offline_model, mlp=False), items, out, epochs=2, resume=True)
+    with pytest.raises(FileNotFoundError, match="cannot be extended to 3"):
+        run(offline_model, fresh_prefix(offline_model, mlp=False), items, out, epochs=3, resume=True)
+
+
+def test_move_aside_keeps_every_earlier_run(tmp_path):
+    """--overwrite's move: the checkpoint and what lies beside it, renamed to .previous, then .previous2, ...;
+    a fine-tuned model's folder the same way."""
+    from minprefix.trainer import history_path, loss_plot_path, move_aside
+    out = tmp_path / "prefix.safetensors"
+    for generation in ("first", "second"):
+        for path in (out, history_path(out), loss_plot_path(out), state_path(out)):
+            open(path, "w").write(generation)
+        moved = move_aside(out)
+        assert not any(os.path.exists(p) for p in (out, history_path(out), loss_plot_path(out), state_path(out)))
+    assert moved[0] == str(tmp_path / "prefix.previous2.safetensors") and len(moved) == 4
+    assert open(tmp_path / "prefix.previous.history.json").read() == "first"
+    assert open(tmp_path / "prefix.previous2.resume.pt").read() == "second"
+    folder = tmp_path / "finetuned"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    assert move_aside(str(folder) + "/") == [str(tmp_path / "finetuned.previous")]
+    assert (tmp_path / "finetuned.previous" / "config.json").exists() and not folder.exists()
