@@ -262,7 +262,8 @@ def main(argv=None):
     for start in range(0, len(rows), batch_size):
         batch = list(range(start, min(start + batch_size, len(rows))))
         idx, real = pad_left([ids[r] for r in batch], tok.eot, device=device)
-        run, cache = guide(method, model, weights.to(device).repeat(len(batch), 1), args.guidance, args.guide_from)
+        run, cache = guide(method, model, weights.to(device).repeat(len(batch), 1), args.guidance, args.guide_from,
+                           tok.eot)
         if beams:
             settings = dict(min_new_tokens=args.min_new_tokens if args.min_new_tokens is not None else
                             (DECODING["min_new_tokens"] if e2e else 0),

@@ -101,7 +101,7 @@ def bench_sampling(model, args, rows):
     times = {0.0: [], args.guidance: []}
     for r in range(args.rounds):
         for g in (list(times) if r % 2 == 0 else list(times)[::-1]):
-            run, cache = guide(method, model, w, g)
+            run, cache = guide(method, model, w, g, eot=tok.eot)
             fast.generate(run, idx, 4, kv_cache=cache, temperature=0.7, top_p=0.9, seed=0, eot=None)  # warm-up
             t = time.perf_counter()
             fast.generate(run, idx, args.tokens, kv_cache=cache, temperature=0.7, top_p=0.9, seed=0, eot=None)

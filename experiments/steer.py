@@ -14,7 +14,7 @@ made with the same settings are read back, not redone.
 
   export MINPREFIX_MODEL=../shared/models/imdb-gpt2-19m TIKTOKEN_CACHE_DIR=../shared/tiktoken
   python experiments/steer.py                         # both data sets (hours on a 2-core CPU); resumes
-  python experiments/steer.py --data summer-school --lambdas 1 --guidance 0 2
+  python experiments/steer.py --data summer-school --methods kv-mlp --lambdas 1 --guidance 0 2
 It writes runs/steer/results.json, experiments/figures/frontier.png and prints the tables docs/results.md shows.
 """
 import argparse
@@ -67,6 +67,8 @@ def main():
                    help="contrastive weights for the K/V prefix with its MLP (default: train.py's default)")
     p.add_argument("--lora-lambda", type=float, default=train_script.CONTRASTIVE or 1.0,
                    help="LoRA with the contrastive term at this weight, beside LoRA without (default: train.py's)")
+    p.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=sorted(METHODS),
+                   help="which runs: each without and with the contrastive term (default: both)")
     p.add_argument("--guidance", type=float, nargs="+", default=[0.0, 1.0, 2.0, 3.0],
                    help="strengths evaluated for each run (default: %(default)s)")
     p.add_argument("--sweep-samples", type=int, default=24, help="per neutral prompt and alpha (default: %(default)s)")
@@ -78,6 +80,7 @@ def main():
                 "movie-snippets": (train_file, test_file, sweep_file)}
     runs = [("kv-mlp", 0.0)] + [("kv-mlp", lam) for lam in args.lambdas if lam] + [("lora", 0.0)] + (
         [("lora", args.lora_lambda)] if args.lora_lambda else [])
+    runs = [(method, lam) for method, lam in runs if method in args.methods]
     results = {}
     for data in args.data:
         train_data, test_data, sweep = datasets[data]

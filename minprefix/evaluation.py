@@ -74,7 +74,7 @@ def continue_prompts(model, tok, prompts, weights, method, max_new_tokens, seed,
     for length in sorted(groups):
         rows = groups[length]
         idx = torch.tensor([encoded[i] for i in rows], device=device)
-        run, cache = (model, None) if method is None else guide(method, model, weights[rows].to(device), guidance, anchor)
+        run, cache = (model, None) if method is None else guide(method, model, weights[rows].to(device), guidance, anchor, tok.eot)
         for i, new in zip(rows, decode(run, idx, max_new_tokens, kv_cache=cache, seed=seed + length, eot=tok.eot,
                                        **sampling)):
             outs[i] = tok.decode(new)

@@ -449,6 +449,7 @@ def start(model, idx, max_new_tokens=50, kv_cache=None, real=None, cuda_graph=No
     guided = model if isinstance(model, Guided) else None  # guidance: its rows decoded here, in one batch
     if guided is not None:
         model, idx, real = guided.model, guided.expand(idx), None if real is None else guided.expand(real)
+        guided.probabilities = probabilities  # the anchor's nucleus through the faster piece below
     logits = model.lm_head(model.hidden(model.wte(idx), cache, real)[:, -1])  # (B, V)
     graph = idx.is_cuda if cuda_graph is None else cuda_graph
     if graph and n > 1:

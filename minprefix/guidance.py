@@ -12,7 +12,12 @@ With two labels and alpha (w = (alpha, 1 - alpha) for positive, negative) this i
     z = z_anchor + strength * (2 alpha - 1) * (z_positive - z_negative)
 
 What the labels' texts share (their topic, their style) cancels in the difference; what tells them apart is what
-is added. The anchor:
+is added. As DExperts does, the sum is taken only over the anchor's own nucleus, the likeliest tokens until their
+probability reaches FILTER_P (its filter_p, 0.9): every other token is -inf, so guidance re-ranks what the anchor
+would plausibly write and never brings in a token the anchor finds implausible. And guidance steers what is
+written, not when it ends: <|endoftext|> keeps the anchor's logit (given eot). Without this the labels' texts'
+small difference in where they end is amplified too: on data/ the negative end's texts came out half as long as
+the positive end's, and shorter texts carry less tone (docs/results.md). The anchor:
   bare  the model without any prefix (its rows see none: the prefix's positions are masked out, theirs start
         at 0; a LoRA's rows get a zero change). DExperts' form: at alpha 1 the bare model plus strength times
         (positive expert - negative anti-expert); at alpha 0.5 the bare model itself. The text keeps the bare
@@ -28,15 +33,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minprefix.generate import probabilities
+
 DEFAULT_STRENGTH = 0.0  # sample.py's and eval.py's defaults (docs/results.md: the frontier they were chosen from)
 DEFAULT_ANCHOR = "bare"
+FILTER_P = 0.9  # DExperts' filter_p: guidance re-ranks the anchor's nucleus of this much probability
 
 
 class Guided(nn.Module):
     """model decoding (1 + n) * B rows -> B rows of guided logits. weights (B, n): each sample's mix."""
 
-    def __init__(self, model, weights, strength):
+    def __init__(self, model, weights, strength, eot=None, probabilities=probabilities):
         super().__init__()
+        self.eot = eot  # its logit stays the anchor's (None: every token is guided)
+        self.probabilities = probabilities  # generate's, or a faster piece that gives the same (fast.py)
         n = weights.size(1)
         if n < 2:
             raise ValueError(f"guidance needs two or more labels to tell apart, this checkpoint has {n}")
@@ -50,7 +60,12 @@ class Guided(nn.Module):
     def combine(self, logits):  # ((1 + n) * B, ..., V) -> (B, ..., V)
         z = logits.float().unflatten(0, (1 + self.coef.size(1), self.rows))  # (1 + n, B, ..., V)
         coef = self.coef.to(z.device).t().reshape(-1, self.rows, *([1] * (z.dim() - 2)))  # (n, B, 1.., 1)
-        return z[0] + (coef * z[1:]).sum(0)
+        anchor = z[0]
+        nucleus = self.probabilities(anchor.reshape(-1, anchor.size(-1)), top_p=FILTER_P).view_as(anchor) > 0
+        guided = anchor + (coef * z[1:]).sum(0)
+        if self.eot is not None:
+            guided[..., self.eot] = anchor[..., self.eot]
+        return guided.masked_fill(~nucleus, float("-inf"))
 
     def forward(self, idx, kv_cache=None, real=None):  # idx (B, T) -> guided logits (B, T, V)
         return self.combine(self.model(self.expand(idx), kv_cache, None if real is None else self.expand(real)))
@@ -59,10 +74,11 @@ class Guided(nn.Module):
 ANCHORS = ("bare", "mix")
 
 
-def guide(method, model, weights, strength, anchor=DEFAULT_ANCHOR):
+def guide(method, model, weights, strength, anchor=DEFAULT_ANCHOR, eot=None):
     """-> (the model to decode with, the cache the text starts from) for weights (B, n_labels), as method.apply
     gives them, with guidance at the logits of this strength from this anchor (0: method.apply itself, one row
-    per sample)."""
+    per sample). eot: the end-of-text id, whose logit guidance leaves to the anchor (sample.py, eval.py and the
+    server give their tokenizer's)."""
     if not strength:
         return method.apply(model, weights)
     if anchor not in ANCHORS:
@@ -77,4 +93,4 @@ def guide(method, model, weights, strength, anchor=DEFAULT_ANCHOR):
         real = torch.ones(cache.layers[0][0].size(0), cache.length, dtype=torch.bool, device=weights.device)
         real[:B] = False
         cache.real = real if cache.real is None else cache.real & real
-    return Guided(run, weights, strength), cache
+    return Guided(run, weights, strength, eot), cache

@@ -417,7 +417,7 @@ class Engine:
         device = self.model.device
         idx, real = pad_left([r.ids for r in rows], self.tok.eot, device=device)  # (B, T)
         weights = torch.cat([r.weights for r in rows]).to(device)  # (B, n_labels): each row its own mix
-        run, cache = guide(self.method, self.model, weights, *guiding(rows[0]))  # a batch guides alike
+        run, cache = guide(self.method, self.model, weights, *guiding(rows[0]), self.tok.eot)  # a batch: one guidance
         n, logits, step = self.start_decoding(run, idx, max(r.max_tokens for r in rows), kv_cache=cache, real=real)
         pieces = [self.tok.stream_decoder() for _ in rows]
         stats = self.stats

@@ -453,7 +453,7 @@ def test_the_library_leaves_malloc_alone_and_the_scripts_opt_in(offline_model_di
     asked = []
     monkeypatch.setattr(fast, "glibc", lambda name: asked.append(name) or (lambda *a: 0))
     model = GPT2.from_pretrained(offline_model_dir).requires_grad_(False)
-    minprefix.generate(model, torch.tensor([[50256, 464]]), 3, temperature=0)
+    minprefix.generate(model, torch.tensor([[50256, 464]]), 3, temperature=0, eot=EOT)
     fast.decoding_model(offline_model_dir)
     items = encode([Example("The labs were fine.", "task", "t:0")], Tokenizer(), ["task"], 100)
     prefix = KVPrefix(model.config, 1, 2)

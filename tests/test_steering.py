@@ -11,7 +11,7 @@ from conftest import EOT, REPO, assert_near
 from minprefix import Tokenizer, fast
 from minprefix.data import encode, label_names, read_jsonl
 from minprefix.generate import generate, pad_left
-from minprefix.guidance import Guided, guide
+from minprefix.guidance import FILTER_P, Guided, guide
 from minprefix.lora import LoRA
 from minprefix.method import build
 from minprefix.prefix import KVPrefix, label_weights
@@ -28,6 +28,14 @@ def random_prefix(model, n_labels=2, P=5, seed=0):
     return prefix.requires_grad_(False)
 
 
+def in_nucleus(logits, p):
+    """(..., V) -> the likeliest tokens until their probability reaches p, by hand: sorted, cumulative sum."""
+    probs = logits.softmax(-1)
+    values, order = probs.sort(-1, descending=True)
+    keep_sorted = (values.cumsum(-1) - values) < p
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+
+
 def prompts():
     tok = Tokenizer()
     return [[tok.eot] + tok.encode(t) for t in ("The lectures were", "I went to see this film because", "The")]
@@ -39,7 +47,7 @@ def prompts():
 def test_guided_logits_are_the_formula_on_each_labels_own_logits(offline_model, n_labels, anchor):
     """z = z_anchor + strength * n/(n-1) * (sum_i w_i z_i - mean_i z_i), each z from its own forward pass (the
     anchor: the model without a prefix, or the K/V mix); with two labels z_anchor + strength * (2 alpha - 1) *
-    (z_0 - z_1)."""
+    (z_0 - z_1); -inf outside the anchor's nucleus of FILTER_P (DExperts' filter)."""
     prefix = random_prefix(offline_model, n_labels)
     idx, real = pad_left(prompts(), EOT)
     w = torch.softmax(torch.randn(3, n_labels), -1)  # a different mix per row
@@ -51,11 +59,33 @@ def test_guided_logits_are_the_formula_on_each_labels_own_logits(offline_model, 
         z = [alone(F.one_hot(torch.full((3,), k), n_labels).float()) for k in range(n_labels)]
         mean_z = sum(z) / n_labels
         want = z_mix + 1.5 * n_labels / (n_labels - 1) * (sum(w[:, k, None, None] * z[k] for k in range(n_labels)) - mean_z)
+        nucleus = in_nucleus(z_mix, FILTER_P)
+        assert torch.equal(got.isfinite(), nucleus) and 1 <= nucleus.sum(-1).min() and nucleus.sum(-1).max() < 50257
         # the same rows in one batch of (1 + n) * 3 against four batches of 3: rounding only
-        assert_near(got, want, 1e-5, "guided logits")
+        assert_near(got[nucleus], want[nucleus], 1e-5, "guided logits")
         if n_labels == 2:
             a = w[:, :1, None]
-            assert_near(got, z_mix + 1.5 * (2 * a - 1) * (z[0] - z[1]), 1e-5, "two labels, by alpha")
+            assert_near(got[nucleus], (z_mix + 1.5 * (2 * a - 1) * (z[0] - z[1]))[nucleus], 1e-5, "two labels")
+
+
+def test_guidance_leaves_the_end_of_text_to_the_anchor(offline_model):
+    """Given eot, guidance steers what is written and not when it ends: <|endoftext|>'s guided logit is the anchor's
+    (where it is in the anchor's nucleus), every other token's is guided as before."""
+    prefix = random_prefix(offline_model)
+    idx = torch.tensor([prompts()[0], prompts()[0]])
+    w = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    with torch.no_grad():
+        free = guide(prefix, offline_model, w, 2.0)
+        held = guide(prefix, offline_model, w, 2.0, eot=EOT)
+        a, b = free[0](idx, free[1]), held[0](idx, held[1])
+        bare = offline_model(idx)
+    others = torch.ones(50257, dtype=torch.bool)
+    others[EOT] = False
+    assert torch.equal(a[..., others], b[..., others])
+    inside = b[..., EOT].isfinite()
+    assert inside.any()
+    assert_near(b[..., EOT][inside], bare[..., EOT][inside], 1e-5, "eot's logit")  # a batch of 6 rows against 2
+    assert not torch.equal(a[..., EOT][inside], b[..., EOT][inside])  # unheld, it is guided like any token
 
 
 @pytest.mark.parametrize("mode", ["kv", "embedding", "lora"])
@@ -76,9 +106,13 @@ def test_at_strength_zero_the_kv_mix_and_at_an_even_mix_the_anchor(offline_model
         for anchor, want in (("mix", mix), ("bare", offline_model(idx))):
             run, cache = guide(steer, offline_model, w, 3.0, anchor)
             assert isinstance(run, Guided)
-            assert_near(run(idx, cache), want, 1e-5, f"alpha 0.5 from the {anchor}")  # batch of 3 rows against 1
+            got, nucleus = run(idx, cache), in_nucleus(want, FILTER_P)
+            assert torch.equal(got.isfinite(), nucleus)
+            assert_near(got[nucleus], want[nucleus], 1e-5, f"alpha 0.5 from the {anchor}")  # 3 rows against 1
         pushed = guide(steer, offline_model, label_weights(2, alpha=1.0), 3.0)
-        assert (pushed[0](idx, pushed[1]) - offline_model(idx)).abs().max() > 0.1  # and at an end it does push
+        plain = offline_model(idx)
+        nucleus = in_nucleus(plain, FILTER_P)
+        assert (pushed[0](idx, pushed[1])[nucleus] - plain[nucleus]).abs().max() > 0.1  # and at an end it pushes
 
 
 @pytest.mark.parametrize("method", ["kv", "lora"])
