@@ -5,13 +5,16 @@ alpha * positive + (1 - alpha) * negative; --weights: one weight per label).
   python sample.py --alpha 0.5 --prompt "The labs"   # halfway; at a terminal the text appears as it is written
   python sample.py --sentiment negative --n 5        # each sample is printed as soon as it ends
   python sample.py --prompts-file prompts.txt --output out.jsonl --temperature 0   # many prompts, batched
+  python sample.py --alpha 0:0,600:1 --max-new-tokens 1000 --min-new-tokens 1000  # a story that turns from bleak
+                                                     # to bright, past the model's window (docs/long.md)
   python sample.py --prefix weights/e2e-prefix.safetensors --num-beams 5 \\
       --prompt "name : The Eagle | Type : pub | area : riverside"        # a source -> text prefix: the prompt is the source
 
 The checkpoint is the one train.py wrote last (weights/latest), unless --prefix names another. Prompts of
 different lengths are decoded together, padded on the left with an attention mask that hides the padding and
 positions that skip it (minprefix/gpt2.py), so each prompt is continued as it would be alone. --stream decodes
-one sample at a time (each printed as it is written); otherwise up to --batch-size rows at once.
+one sample at a time (each printed as it is written); otherwise up to --batch-size rows at once. A text longer
+than the model's window (1,024 positions for GPT-2) keeps its prefix and its last half, encoded again (docs/long.md).
 """
 import argparse
 import json
@@ -27,6 +30,7 @@ from minprefix.beam import hypotheses
 from minprefix.generate import pad_left, stream
 from minprefix.method import latest, load, read_meta
 from minprefix.prefix import DEFAULT_CHECKPOINT, label_weights
+from minprefix.tone import Tone, alpha_weights, parse_schedule
 
 SAMPLING = {"temperature": 0.8, "top_p": 0.9, "top_k": None, "seed": 0}  # defaults when sampling, not with beams
 
@@ -37,8 +41,10 @@ def parser():
                    f"(.safetensors) or a fine-tuned model folder (default: the one train.py wrote last, else "
                    f"{DEFAULT_CHECKPOINT})")
     tone = p.add_mutually_exclusive_group()
-    tone.add_argument("--alpha", type=float, help="weight of the first label (positive) against the second "
-                      "(negative): 1.0 positive, 0.0 negative (default: 0.5 with two labels)")
+    tone.add_argument("--alpha", help="weight of the label called positive against the other: 1.0 positive, 0.0 "
+                      "negative (default: 0.5 with two labels); or a schedule over the new tokens, TOKEN:ALPHA points, "
+                      "e.g. 0:0,600:1 (0 at the first token rising linearly to 1 at token 600, then held; "
+                      "minprefix/tone.py)")
     tone.add_argument("--sentiment", help="one label alone, e.g. positive")
     tone.add_argument("--weights", help="one weight per label, comma-separated, in the checkpoint's label order")
     p.add_argument("--extrapolate", action="store_true", help="allow --alpha outside [0, 1]")
@@ -51,15 +57,19 @@ def parser():
     p.add_argument("--n", type=int, help="samples per prompt (default: 3; 1 with --prompts-file or --num-beams; "
                    "with --num-beams, the n best hypotheses)")
     p.add_argument("--batch-size", type=int, default=16, help="rows decoded together (default: %(default)s)")
-    p.add_argument("--max-new-tokens", type=int, help="(default: 60; 100 for a source -> text checkpoint with beams)")
+    p.add_argument("--max-new-tokens", type=int, help="new tokens per sample, past the model's window if need be "
+                   "(beam search stops at it, and says so) (default: 60; 100 for a source -> text checkpoint with beams)")
     p.add_argument("--temperature", type=float, help="0 for greedy (default: 0.8; not with --num-beams)")
     p.add_argument("--top-k", type=int, help="keep the k likeliest tokens (default: off; not with --num-beams)")
     p.add_argument("--top-p", type=float, help="nucleus sampling mass in (0, 1], 1 for off (default: 0.9; not with "
                    "--num-beams)")
     p.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams instead of sampling "
                    "(as the paper decodes E2E: 5) (default: %(default)s)")
-    p.add_argument("--min-new-tokens", type=int, help="beam search: hold <|endoftext|> back for this many tokens "
-                   "(default: 0; 5 for a source -> text checkpoint, as eval.py --task e2e)")
+    p.add_argument("--min-new-tokens", type=int, help="hold <|endoftext|> back for this many tokens, so that a sample "
+                   "is at least that long (default: 0; with beams and a source -> text checkpoint 5, as eval.py --task e2e)")
+    p.add_argument("--prefix-boost", type=float, default=0.0, help="hold the prefix's tone over long texts: its "
+                   "keys weigh 1 + B * n / P times more in attention, n the text's positions so far, P the prefix's "
+                   "(DTPA-style; docs/long.md measures it); prefixes only (default: 0, off)")
     p.add_argument("--allow-newlines", action="store_true", help="beam search with a source -> text checkpoint: "
                    "do not ban the newline tokens 198 and 628 (the paper bans them)")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
@@ -89,7 +99,8 @@ def read_prompts(path):
 
 
 def tone(p, args, meta, mixes):
-    """-> (mixing weights (1, n_labels), what to record of them in --output)."""
+    """-> (mixing weights (1, n_labels) for the first token, what to record of them in --output, the Schedule
+    where --alpha changes over the tokens, else None)."""
     labels = meta["labels"]
     given = [f for f, v in (("--alpha", args.alpha), ("--sentiment", args.sentiment), ("--weights", args.weights))
              if v is not None]
@@ -97,20 +108,24 @@ def tone(p, args, meta, mixes):
         if given:
             p.error(f"{given[0]}: {args.prefix} is a fine-tuned model, one model for every label: it has no labels "
                     f"to mix (train a prefix or a LoRA for that)")
-        return torch.ones(1, 1), {}
+        return torch.ones(1, 1), {}, None
     if args.alpha is not None:
         if len(labels) != 2:
             p.error(f"--alpha mixes two labels; {args.prefix} has {len(labels)} ({', '.join(labels)}): "
                     + ("it has nothing to mix" if len(labels) == 1 else "give one weight per label with --weights"))
-        if not 0.0 <= args.alpha <= 1.0 and not args.extrapolate:
-            p.error(f"--alpha must be in [0, 1] (1.0 = {labels[0]}, 0.0 = {labels[1]}), got {args.alpha}; "
-                    f"add --extrapolate to go beyond")
-        return label_weights(2, alpha=args.alpha), {"alpha": args.alpha}
+        try:
+            schedule = parse_schedule(args.alpha, args.extrapolate)
+        except ValueError as e:
+            p.error(str(e))
+        if schedule.constant:
+            alpha = schedule.at(0)
+            return alpha_weights(labels, alpha), {"alpha": alpha}, None
+        return alpha_weights(labels, schedule.at(0)), {"alpha": str(schedule)}, schedule
     if args.sentiment is not None:
         if args.sentiment not in labels:
             p.error(f"--sentiment {args.sentiment!r}: this checkpoint knows {', '.join(labels)}")
         w = label_weights(len(labels), label=labels.index(args.sentiment))
-        return w, {"weights": dict(zip(labels, w[0].tolist()))}
+        return w, {"weights": dict(zip(labels, w[0].tolist()))}, None
     if args.weights is not None:
         try:
             values = [float(w) for w in args.weights.split(",")]
@@ -118,11 +133,11 @@ def tone(p, args, meta, mixes):
         except ValueError as e:
             p.error(f"--weights {args.weights!r}: {e}; give {len(labels)} numbers, one per label "
                     f"({', '.join(labels)})")
-        return w, {"weights": dict(zip(labels, w[0].tolist()))}
+        return w, {"weights": dict(zip(labels, w[0].tolist()))}, None
     if len(labels) == 1:
-        return label_weights(1, label=0), {}
+        return label_weights(1, label=0), {}, None
     if len(labels) == 2:
-        return label_weights(2, alpha=0.5), {"alpha": 0.5}
+        return label_weights(2, alpha=0.5), {"alpha": 0.5}, None
     p.error(f"{args.prefix} has {len(labels)} labels ({', '.join(labels)}): choose one with --sentiment, or a mix "
             f"with --weights (one weight per label)")
 
@@ -140,9 +155,8 @@ def main(argv=None):
                 p.error(f"{flag} does not apply to beam search (--num-beams {args.num_beams}), which is deterministic; "
                         f"drop {flag}, or sample with --num-beams 1")
     else:
-        for flag in ("min_new_tokens", "allow_newlines"):
-            if getattr(args, flag) not in (None, False):
-                p.error(f"--{flag.replace('_', '-')} is for beam search: give --num-beams too")
+        if args.allow_newlines:
+            p.error("--allow-newlines is for beam search: give --num-beams too")
         for name, default in SAMPLING.items():
             if getattr(args, name) is None:
                 setattr(args, name, default)
@@ -152,6 +166,8 @@ def main(argv=None):
                         ("--num-beams", args.num_beams)):
         if value is not None and value < 1:
             p.error(f"{flag} must be at least 1, got {value}")
+    if args.prefix_boost < 0:
+        p.error(f"--prefix-boost must be >= 0 (0 is off), got {args.prefix_boost}")
     if beams and args.n > args.num_beams:
         p.error(f"--n {args.n}: beam search keeps {args.num_beams} hypotheses per prompt; ask for at most that many")
     if not beams:
@@ -167,16 +183,23 @@ def main(argv=None):
     conditional = bool(meta["info"].get("conditional"))
     model = fast.decoding_model(args.model or meta["base_model"], args.dtype, args.device)
     method, meta = load(args.prefix, model)  # now checked against the base model
-    weights, recorded = tone(p, args, meta, method.mixes)
+    weights, recorded, schedule = tone(p, args, meta, method.mixes)
     prompts = read_prompts(args.prompts_file) if args.prompts_file else [(None, args.prompt)]
     if conditional and not all(q.strip() for _, q in prompts):
         p.error("this checkpoint writes text for a source (e.g. an E2E table): give it with --prompt or --prompts-file")
     e2e = conditional and beams  # decode as eval.py --task e2e does, unless told otherwise
     if args.max_new_tokens is None:
         args.max_new_tokens = DECODING["max_new_tokens"] if e2e else 60
+    if args.min_new_tokens is not None and not 0 <= args.min_new_tokens <= args.max_new_tokens:
+        p.error(f"--min-new-tokens must be between 0 and --max-new-tokens ({args.max_new_tokens}), got "
+                f"{args.min_new_tokens}")
+    if schedule is not None and beams:
+        p.error(f"--alpha {args.alpha}: a schedule is for sampling; beam search keeps one mix (give one number)")
     device = model.device
     tok = Tokenizer()
     mix = ", ".join(f"{w:g}*{l}" for w, l in zip(weights[0].tolist(), meta["labels"])) if method.mixes else "no mix"
+    if schedule is not None:
+        mix = f"alpha {schedule} over the new tokens (first token: {mix})"
     print(f"# {meta['mode']} {args.prefix} on {model.name_or_path}: {mix}", flush=True)
 
     n, one = args.n, beams  # with beams, each prompt is decoded once and gives its n best hypotheses
@@ -190,7 +213,14 @@ def main(argv=None):
     for start in range(0, len(rows), batch_size):
         batch = list(range(start, min(start + batch_size, len(rows))))
         idx, real = pad_left([ids[r] for r in batch], device=device)
-        run, cache = method.apply(model, weights.to(device).repeat(len(batch), 1))  # one mix for every row
+        changing = None if schedule is None else Tone(method, model, meta["labels"], schedule, len(batch))
+        run, cache = method.apply(model, weights.to(device).repeat(len(batch), 1)) if changing is None else \
+            changing.start()  # one mix for every row
+        if args.prefix_boost:
+            if cache is None:
+                p.error(f"--prefix-boost amplifies attention to a prefix, and {args.prefix} ({meta['mode']}) puts "
+                        f"none before the text: drop it")
+            cache = cache.boosted(args.prefix_boost)
         if beams:
             settings = dict(min_new_tokens=args.min_new_tokens if args.min_new_tokens is not None else
                             (DECODING["min_new_tokens"] if e2e else 0),
@@ -204,7 +234,8 @@ def main(argv=None):
                     show(label(r, j), rows[r][1], texts[r][-1], conditional, not in_order)
             continue
         steps = (fast.stream if fast.enabled() else stream)(run, idx, args.max_new_tokens, kv_cache=cache, real=real, seed=args.seed + start,
-                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              min_new_tokens=args.min_new_tokens or 0, tone=changing)
         if streaming:  # one row: print each piece of text as soon as its characters are whole
             r = batch[0]
             print(f"[{r + 1}] {'' if conditional else rows[r][1]}", end="", flush=True)

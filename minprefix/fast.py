@@ -41,7 +41,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minprefix.generate import beam_settings, check_sampling, collect, decode, room
+from minprefix.generate import (KEEP, Window, beam_settings, check_lengths, check_prompt, check_sampling, collect,
+                                decode, replace_prefix)
 from minprefix.gpt2 import CausalSelfAttention, KVCache
 from minprefix.prefix import PrefixMLP
 from minprefix.tokenizer import EOT
@@ -279,14 +280,17 @@ class FloatAttention(CausalSelfAttention):
 def attend(q, k, v, mask):
     """softmax(q k^T / sqrt(D) + mask) v, as a CPU runs it fastest in half precision (one thread, 50 rows x 4
     heads against 60 keys, a beam search step: 0.93 ms in bfloat16's SDPA, 0.29 as the plain products below;
-    training's 25 queries, forward and backward: 0.82 ms, 0.33 in float32). q (B, H, T, D); mask True: attend."""
+    training's 25 queries, forward and backward: 0.82 ms, 0.33 in float32). q (B, H, T, D); mask True: attend, or
+    a float bias added to the scores (the prefix boost, GPT2.hidden)."""
     if q.device.type != "cpu" or q.dtype == torch.float32:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     if q.size(2) == 1:  # decoding: the plain products, in the model's dtype (softmax sums in float32 inside)
         scores = (q @ k.transpose(-1, -2)) * q.size(-1) ** -0.5  # (B, H, 1, S)
         if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
         return scores.softmax(-1) @ v
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask.float()
     return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask).to(q.dtype)
 
 
@@ -427,25 +431,74 @@ def token_nll(model, idx, targets, kv_cache=None):
 
 @torch.no_grad()
 def stream(model, idx, max_new_tokens=50, kv_cache=None, real=None, temperature=1.0, top_k=None, top_p=None,
-           eot=EOT, seed=None, cuda_graph=None):
+           eot=EOT, seed=None, cuda_graph=None, min_new_tokens=0, tone=None, keep=KEEP):
     """generate.stream with two pieces replaced: the prompt's logits only at its last position (the reference
-    computes all T, and on a CPU the lm_head is most of a prompt's cost), and on a GPU each later step
-    replayed as one CUDA graph over a StaticKVCache (cuda_graph: default on a GPU). Same tokens."""
+    computes all T, and on a CPU the lm_head is most of a prompt's cost), and each later step through a
+    StaticKVCache, replayed as one CUDA graph on a GPU (cuda_graph: default on a GPU). The same Window past the
+    context's end (a new StaticKVCache from each re-encoding) and the same tone. Same tokens."""
     check_sampling(temperature, top_k, top_p)
-    cache = KVCache() if kv_cache is None else kv_cache.copy()
-    n = room(model, cache, idx, real, max_new_tokens)
-    if n == 0:
+    check_lengths(max_new_tokens, min_new_tokens)
+    prefix = KVCache() if kv_cache is None else kv_cache
+    check_prompt(model, prefix, idx, real)
+    if max_new_tokens <= 0:
         return
-    logits = model.lm_head(model.hidden(model.wte(idx), cache, real)[:, -1])  # (B, V)
     graph = idx.is_cuda if cuda_graph is None else cuda_graph
-    if graph and n > 1:
-        step = StaticKVCache(cache, capacity=cache.length + n - 1).graph_step(model, capture=idx.is_cuda)
-    elif not idx.is_cuda and n > 1:
-        static = StaticKVCache(cache, capacity=cache.length + n - 1)
-        step = lambda x: static.cpu_step(model, x)
-    else:
-        step = lambda x: model.lm_head(model.hidden(model.wte(x), cache)[:, -1])
-    yield from decode(logits, step, n, temperature, top_k, top_p, eot, seed)
+    window = Window(model, prefix, idx, real, keep)
+    logits, steps = encode(model, prefix, idx, real, min(max_new_tokens - 1, window.left()), graph)
+    written = 0
+
+    def step(x):  # as generate.stream's step
+        nonlocal model, prefix, logits, steps, written
+        written += 1
+        change = tone(written) if tone is not None else None
+        if change is not None:
+            model, new = change
+            prefix = KVCache() if new is None else new.boosted(prefix.boost)
+            steps.retone(model, prefix)
+        tail = window.push(x)
+        if tail is None:
+            return steps(x)
+        tail_idx, tail_real = tail  # the context is full: a new static cache from the prefix and the text's last part
+        logits, steps = encode(model, prefix, tail_idx, tail_real, min(max_new_tokens - 1 - written, window.left()),
+                               graph)
+        return logits
+
+    yield from decode(logits, step, max_new_tokens, temperature, top_k, top_p, eot, seed, min_new_tokens)
+
+
+def encode(model, prefix, idx, real, n, graph):
+    """The prompt (or a window's last part) after the prefix -> (its last position's logits (B, V), Steps: up to n
+    tokens fed one at a time)."""
+    cache = prefix.copy()
+    logits = model.lm_head(model.hidden(model.wte(idx), cache, real)[:, -1])  # (B, V)
+    return logits, Steps(model, cache, n, graph, idx.is_cuda)
+
+
+class Steps:
+    """One token at a time after encode(): through a StaticKVCache (a CUDA graph of its step on a GPU; its CPU step
+    on a CPU), or the reference's KVCache where there is one token at most to feed. retone: a new mix (the prefix's
+    positions rewritten in place; a new model's graph captured again)."""
+
+    def __init__(self, model, cache, n, graph, cuda):
+        self.model, self.cache, self.graph, self.cuda = model, cache, graph, cuda
+        self.static = StaticKVCache(cache, capacity=cache.length + n) if n > 0 and (graph or not cuda) else None
+        self.replay = self.static.graph_step(model, capture=cuda) if self.static is not None and graph else None
+
+    def __call__(self, x):  # x (B, 1) -> logits (B, V)
+        if self.replay is not None:
+            return self.replay(x)
+        if self.static is not None:
+            return self.static.cpu_step(self.model, x)
+        return self.model.lm_head(self.model.hidden(self.model.wte(x), self.cache)[:, -1])
+
+    def retone(self, model, prefix):
+        changed, self.model = model is not self.model, model
+        if self.static is None:
+            self.cache = replace_prefix(self.cache, prefix)
+            return
+        self.static.replace_prefix(prefix)
+        if self.replay is not None and changed:  # the graph holds the old model's weights
+            self.replay = self.static.graph_step(model, capture=self.cuda)
 
 
 def generate(model, idx, max_new_tokens=50, num_beams=1, **kw):
@@ -551,11 +604,28 @@ class StaticKVCache:
         self.n = S  # the same, on the host (the CPU step)
         self.position = self.real.sum(1, keepdim=True) if cache.real is not None else \
             torch.full((B, 1), S, device=k0.device)  # (B, 1): the next token's position in its row
+        self.boost, self.prefix_len = cache.boost, cache.prefix_len  # as GPT2.hidden reads them
+
+    def bias(self, real):
+        """real (B, S): the keys a step sees -> GPT2.hidden's prefix boost as a float mask (B, 1, 1, S): -inf where
+        not real, log(1 + boost * n / P) on the prefix's P keys, n the text's positions the new token sees."""
+        P = self.prefix_len
+        factor = 1 + self.boost * (self.position - P + 1).clamp(min=1) / P  # (B, 1)
+        bias = torch.zeros(real.shape, device=real.device).masked_fill(~real, float("-inf"))
+        bias[:, :P] += factor.log()
+        return bias[:, None, None, :].to(self.k[0].dtype)
+
+    def replace_prefix(self, prefix):  # generate.replace_prefix, in place: the first P slots take prefix's
+        for buffers, pairs in ((self.k, [k for k, _ in prefix.layers]), (self.v, [v for _, v in prefix.layers])):
+            for t, p in zip(buffers, pairs):
+                t[:, :, :p.size(2)] = p
 
     def step(self, model, x):  # x (B, 1) -> logits (B, V); writes the token's keys and values, moves on by one
         B, C, nh = x.size(0), model.config.n_embd, model.config.n_head
         self.real.index_fill_(1, self.slot, True)
         mask = self.real[:, None, None, :]  # (B, 1, 1, capacity): the new token sees every real slot so far
+        if self.boost:
+            mask = self.bias(self.real)
         h = model.wte(x) + model.wpe(self.position)  # (B, 1, C)
         for block, ks, vs in zip(model.h, self.k, self.v):
             q, k, v = block.attn.c_attn(block.ln_1(h)).split(C, dim=2)
@@ -595,6 +665,8 @@ class StaticKVCache:
         whole = self.k[0].dtype != torch.float32
         end = self.real.size(1) if whole else n + 1
         mask = self.real[:, None, None, :end] if self.padded or whole else None
+        if self.boost:
+            mask = self.bias(self.real[:, :end])
         h = model.wte(x) + model.wpe(self.position)  # (B, 1, C)
         norm = lambda ln, h: F.layer_norm(h, (C,), ln.weight, ln.bias, ln.eps)  # the modules' forwards, called
         for block, ks, vs in zip(model.h, self.k, self.v):  # directly: a step makes ~100 of these calls
