@@ -100,17 +100,18 @@ class Window:
 
 
 def decode(logits, step, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eot=EOT, seed=None,
-           min_new_tokens=0):
+           min_new_tokens=0, pick=sample):
     """The sampling loop. logits (B, V): the next token's; step: tokens (B, 1) -> the next logits (B, V).
     Yields (B, 1) tokens; a row that has written eot writes eot from then on; ends when every row has.
-    min_new_tokens: eot is held back (its logit -inf) until that many tokens are written."""
+    min_new_tokens: eot is held back (its logit -inf) until that many tokens are written. pick: sample, or a
+    function that draws the same tokens (fast.sample)."""
     generator = torch.Generator(device=logits.device).manual_seed(seed) if seed is not None else None
     done = torch.zeros(logits.size(0), dtype=torch.bool, device=logits.device)
     for i in range(max_new_tokens):
         logits = logits.float()
         if eot is not None and i < min_new_tokens:
             logits = logits.index_fill(-1, torch.tensor([eot], device=logits.device), float("-inf"))
-        x = sample(logits, temperature, top_k, top_p, generator)  # (B, 1)
+        x = pick(logits, temperature, top_k, top_p, generator)  # (B, 1)
         if eot is not None:
             x = x.masked_fill(done[:, None], eot)
             done |= x[:, 0] == eot

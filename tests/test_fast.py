@@ -427,3 +427,16 @@ def test_half_precision_warns_only_where_the_cpu_has_no_bfloat16_units(monkeypat
     assert fast.half_precision_note("bfloat16", "cpu") is None
     monkeypatch.setattr(fast, "cpu_has_bfloat16", lambda: None)  # unknown: no warning rather than a wrong one
     assert fast.half_precision_note("bfloat16", "cpu") is None
+
+
+def test_the_nucleus_from_a_top_k_draws_the_references_tokens():
+    """fast.sample against generate.sample, the same generator: flat and peaked rows (a nucleus of a few tokens and
+    one of thousands, past the first top-k of 256), with top-k before top-p and without."""
+    from minprefix.generate import sample
+    torch.manual_seed(0)
+    for trial, scale in enumerate((0.3, 1.0, 3.0, 10.0) * 5):
+        logits = torch.randn(16, 50257) * scale
+        for kw in (dict(temperature=0.8, top_p=0.9), dict(temperature=1.0, top_p=0.5, top_k=300),
+                   dict(temperature=0.7, top_p=0.999), dict(temperature=0.9, top_p=1.0), dict(temperature=0)):
+            draw = lambda f: f(logits, generator=torch.Generator().manual_seed(trial), **kw)
+            assert torch.equal(draw(fast.sample), draw(sample)), (scale, kw)

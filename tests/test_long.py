@@ -7,6 +7,8 @@ that a few dozen tokens cross several re-encodings."""
 import copy
 import dataclasses
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -253,3 +255,66 @@ def test_a_slow_schedule_changes_the_mix_every_step_of_alpha():
     changed = [j for j in range(1, 2000) if tone(j) is not None]
     assert len(changed) == 100 + 1  # every 10 tokens to token 1000 (alpha moved by 0.01), then 0.995 at the end
     assert changed[:2] == [10, 20] and changed[-1] == 1500 and calls[-1] == pytest.approx(0.995)
+
+
+# ---- sample.py ----
+
+def run(*args, check=True):
+    p = subprocess.run([sys.executable, str(REPO / "sample.py"), *map(str, args)], cwd=REPO, capture_output=True,
+                       text=True, timeout=900)
+    if check and p.returncode != 0:
+        raise AssertionError(f"sample.py exited {p.returncode}:\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+@pytest.fixture(scope="module")
+def checkpoints(offline_model, tmp_path_factory):
+    """A random two-label K/V prefix and LoRA, saved as train.py saves them (the tone is not what is tested)."""
+    from minprefix.lora import save_lora
+    from minprefix.prefix import save_prefix
+    folder = tmp_path_factory.mktemp("long")
+    labels = ["positive", "negative"]
+    save_prefix(folder / "prefix.safetensors", random_prefix(offline_model.config, P=10), offline_model.name_or_path,
+                labels)
+    save_lora(folder / "lora.safetensors", lora(offline_model.config), offline_model.name_or_path, labels)
+    tok = Tokenizer()
+    text = tok.encode(" ".join(json.loads(line)["text"] for line in open(REPO / "data" / "train.jsonl")))
+    (folder / "long.txt").write_text(f" {tok.decode(text[:990])}\n {tok.decode(text[1000:1950])}\n".replace("\n ", "\n"))
+    return folder
+
+
+def test_sample_writes_every_token_asked_for_past_the_window(checkpoints, tmp_path):
+    """Two prompts of about 950-990 tokens after a 10-position prefix, 40 new tokens each: the window's end comes
+    within the first 30, and every sample still has its 40 (<|endoftext|> held back), batched and streamed."""
+    out = {}
+    for how in ("--no-stream", "--stream"):
+        path = tmp_path / f"{how}.jsonl"
+        run("--prefix", checkpoints / "prefix.safetensors", "--prompts-file", checkpoints / "long.txt",
+            "--max-new-tokens", 40, "--min-new-tokens", 40, "--temperature", 0, how, "--output", path)
+        out[how] = [json.loads(line) for line in path.read_text().splitlines()]
+        assert [r["new_tokens"] for r in out[how]] == [40, 40]
+    longer = max(range(2), key=lambda i: len(out["--stream"][i]["prompt"]))
+    assert out["--stream"][longer]["text"] == out["--no-stream"][longer]["text"]  # the row that sets the re-encoding
+    p = run("--prefix", checkpoints / "prefix.safetensors", "--prompts-file", checkpoints / "long.txt",
+            "--num-beams", 2, "--max-new-tokens", 40, check=False)
+    assert p.returncode == 1 and "beam search stops at the context's end" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_sample_takes_a_schedule_and_names_what_is_wrong(checkpoints, tmp_path):
+    prefix, out = checkpoints / "prefix.safetensors", tmp_path / "s.jsonl"
+    p = run("--prefix", prefix, "--alpha", "0:0,20:1", "--n", 2, "--max-new-tokens", 30, "--min-new-tokens", 30,
+            "--output", out)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["alpha"] for r in rows] == ["0:0,20:1"] * 2 and [r["new_tokens"] for r in rows] == [30, 30]
+    assert "alpha 0:0,20:1 over the new tokens" in p.stdout
+    for args, message in ((["--alpha", "0:0,x:1"], "point 'x:1' is not TOKEN:ALPHA"),
+                          (["--alpha", "0:0,20:1", "--num-beams", 2], "a schedule is for sampling"),
+                          (["--alpha", "0:0,20:2"], "--alpha must be in [0, 1]"),
+                          (["--min-new-tokens", 50, "--max-new-tokens", 10], "--min-new-tokens must be between 0 and"),
+                          (["--prefix-boost", -1], "--prefix-boost must be >= 0")):
+        p = run("--prefix", prefix, *args, check=False)
+        assert p.returncode == 2 and message in p.stderr, (args, p.stderr[-300:])
+    p = run("--prefix", checkpoints / "lora.safetensors", "--prefix-boost", 0.1, "--n", 1, check=False)
+    assert p.returncode == 2 and "--prefix-boost amplifies attention to a prefix" in p.stderr
+    run("--prefix", checkpoints / "lora.safetensors", "--alpha", "0:1,10:0", "--n", 1, "--max-new-tokens", 15)
+    run("--prefix", prefix, "--prefix-boost", 0.2, "--n", 1, "--max-new-tokens", 15)
