@@ -53,7 +53,7 @@ def parser():
     src.add_argument("--prompts-file", help="one prompt per line ('-': standard input; blank lines are skipped, and "
                      "said so), decoded in batches, printed in the file's order")
     p.add_argument("--output", help="also write JSON Lines, one per sample: {\"index\", \"prompt_index\", \"sample\", "
-                   "\"prompt\", \"alpha\" or \"weights\", \"text\"} (and \"line\" with --prompts-file)")
+                   "\"prompt\", \"alpha\" or \"weights\", \"text\", \"new_tokens\"} (and \"line\" with --prompts-file)")
     p.add_argument("--n", type=int, help="samples per prompt (default: 3; 1 with --prompts-file or --num-beams; "
                    "with --num-beams, the n best hypotheses)")
     p.add_argument("--batch-size", type=int, default=16, help="rows decoded together (default: %(default)s)")
@@ -207,6 +207,7 @@ def main(argv=None):
     ids = [source_prompt(tok, q) if conditional else [tok.eot] + tok.encode(q) for _, q in rows]
     streaming = args.stream if args.stream is not None else (sys.stdout.isatty() and len(rows) == 1 and not beams)
     texts = [[] for _ in rows]  # per row: its samples (n hypotheses with beams, else one)
+    lengths = [[] for _ in rows]  # and their lengths in new tokens
     batch_size = 1 if streaming else args.batch_size
     in_order = args.prompts_file and not streaming  # printed at the end, in the file's order
     label = lambda r, j: r * n + j + 1 if one else r + 1  # the sample's number, as printed: [k]
@@ -230,7 +231,9 @@ def main(argv=None):
                                **pieces)
             for r, hyps in zip(batch, found):
                 for j, (_, new) in enumerate(hyps[:n]):
-                    texts[r].append(tok.decode(new[:-1] if new[-1:] == [tok.eot] else new))
+                    new = new[:-1] if new[-1:] == [tok.eot] else new
+                    texts[r].append(tok.decode(new))
+                    lengths[r].append(len(new))
                     show(label(r, j), rows[r][1], texts[r][-1], conditional, not in_order)
             continue
         steps = (fast.stream if fast.enabled() else stream)(run, idx, args.max_new_tokens, kv_cache=cache, real=real, seed=args.seed + start,
@@ -247,6 +250,7 @@ def main(argv=None):
                 print(piece(new[-1]), end="", flush=True)
             print()
             texts[r].append(tok.decode(new))
+            lengths[r].append(len(new))
             continue
         # several rows: print each as soon as it has written <|endoftext|> (or run out of tokens), with its number
         done, tokens = set(), [[] for _ in batch]
@@ -260,24 +264,27 @@ def main(argv=None):
                     tokens[j].append(t)
                     continue
                 texts[batch[j]].append(tok.decode(tokens[j]))
+                lengths[batch[j]].append(len(tokens[j]))
                 show(batch[j] + 1, rows[batch[j]][1], texts[batch[j]][0], conditional, not in_order)
         for j in range(len(batch)):
             if j not in done:
                 texts[batch[j]].append(tok.decode(tokens[j]))
+                lengths[batch[j]].append(len(tokens[j]))
                 show(batch[j] + 1, rows[batch[j]][1], texts[batch[j]][0], conditional, not in_order)
         if args.prompts_file:
             print(f"# {batch[-1] + 1} of {len(rows)} done", file=sys.stderr, flush=True)
-    samples = [(r, j, text) for r in range(len(rows)) for j, text in enumerate(texts[r])]
+    samples = [(r, j, text, length) for r in range(len(rows))
+               for j, (text, length) in enumerate(zip(texts[r], lengths[r]))]
     if in_order:  # in the file's order, once all are done
-        for r, j, text in samples:
+        for r, j, text, _ in samples:
             show(label(r, j), rows[r][1], text, conditional)
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
-            for k, (r, j, text) in enumerate(samples):
+            for k, (r, j, text, length) in enumerate(samples):
                 i = rows[r][0]
                 row = {"index": k, "prompt_index": i, "sample": j if one else r % n,
                        **({"line": prompts[i][0]} if args.prompts_file else {}), "prompt": rows[r][1], **recorded,
-                       "text": text}
+                       "text": text, "new_tokens": length}
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
         print(f"# wrote {len(samples)} samples to {args.output}")
     return 0
