@@ -4,7 +4,11 @@ table-to-text task (--task e2e).
 Sentiment: for each held-out text: its first --prompt-words words are the prompt; the model continues it under the
 text's own label (and, as a control, under the flipped one). The continuation is scored with our BLEU and ROUGE
 against the rest of the text, and judged by VADER. Then the alpha sweep from neutral prompts: the mean VADER score
-at alpha 0, 0.25, 0.5, 0.75, 1 with its 95% interval, the dial's slope, and whether it rises monotonically.
+at alpha 0, 0.25, 0.5, 0.75, 1 with its 95% interval, the dial's slope, and whether it rises monotonically; and
+its ends as controlled-generation papers report them: the share of continuations judged positive at alpha 1 and
+negative at alpha 0 (VADER, and AFINN beside it), against the bare model's own share from the same prompts, and
+their perplexity under the bare model against that of the bare model's own samples (the ratio: fluency's cost).
+--guidance evaluates each checkpoint at each strength of guidance at the logits (minprefix/guidance.py).
 
   python eval.py --prefix weights/embedding.safetensors weights/kv.safetensors weights/kv-mlp.safetensors
 
@@ -27,6 +31,7 @@ from tqdm import tqdm
 
 from minprefix import Tokenizer, fast
 from minprefix.data import read_jsonl
+from minprefix.guidance import ANCHORS, DEFAULT_ANCHOR, DEFAULT_STRENGTH
 from minprefix.method import describe, latest, load, read_meta
 from minprefix.prefix import DEFAULT_CHECKPOINT
 
@@ -39,8 +44,10 @@ COLUMNS = [("BLEU", "bleu", "{:.2f}"), ("ROUGE-1", "rouge1", "{:.3f}"), ("ROUGE-
            ("dial slope [95% CI]", "dial_slope", "slope")]
 
 
-def row_name(meta):
-    return "base model, no prefix" if meta is None else describe(meta)
+def row_name(meta, guidance=0.0):
+    if meta is None:
+        return "base model, no prefix"
+    return describe(meta) + (f", guidance {guidance:g}" if guidance else "")
 
 
 def markdown(rows, alphas):
@@ -63,6 +70,65 @@ def cell(row, key, fmt):
         lo, hi = row[key + "_ci"]
         return f"{row[key]:+.3f} [{lo:+.3f}, {hi:+.3f}]{'' if row['dial_monotone'] else ', not monotone'}"
     return fmt.format(row[key])
+
+
+NEUTRAL_COLUMNS = ["positive at alpha 1, VADER [95% CI]", "AFINN", "negative at alpha 0, VADER [95% CI]", "AFINN",
+                   "beyond the bare model (points, + / -)", "perplexity (x the bare model's own)", "distinct-2",
+                   "distinct-3"]
+
+
+def neutral_table(rows):
+    """The dial's ends from neutral prompts, as controlled-generation papers report them; the bare model's row is
+    its own samples (its share positive, and negative, of the same continuations)."""
+    head = ["setup"] + NEUTRAL_COLUMNS
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    bare = next((r["neutral"] for name, r in rows if name == row_name(None) and "neutral" in r), None)
+    for name, r in rows:
+        if "neutral" not in r:
+            continue
+        n = r["neutral"]
+        share = lambda judge, end: f"{n[judge][end]:.0%}" + (
+            f" [{n[judge][end + '_ci'][0]:.0%}, {n[judge][end + '_ci'][1]:.0%}]" if judge == "VADER" else "")
+        beyond = "" if bare is None or n is bare else (
+            f"{100 * (n['VADER']['positive'] - bare['VADER']['positive']):+.0f} / "
+            f"{100 * (n['VADER']['negative'] - bare['VADER']['negative']):+.0f}")
+        ratio = f"{n['perplexity']:.1f}" + (f" ({n['perplexity'] / bare['perplexity']:.2f}x)" if bare else "")
+        cells = [name, share("VADER", "positive"), share("AFINN", "positive") if "AFINN" in n else "-",
+                 share("VADER", "negative"), share("AFINN", "negative") if "AFINN" in n else "-", beyond, ratio,
+                 f"{n['distinct2']:.3f}", f"{n['distinct3']:.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def intended_share(neutral, judge="VADER"):
+    """The share of the dial's ends with the tone asked for: the mean of positive at alpha 1 and negative at 0."""
+    return (neutral[judge]["positive"] + neutral[judge]["negative"]) / 2
+
+
+def plot_frontier(rows, path):
+    """Control against fluency's cost, one point per row: x the ends' perplexity over the bare model's own samples',
+    y the share of the ends with the tone asked for (VADER)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    bare = next((r["neutral"] for name, r in rows if name == row_name(None) and "neutral" in r), None)
+    if bare is None:
+        return False
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for name, r in rows:
+        if "neutral" in r:
+            n = r["neutral"]
+            ax.plot(n["perplexity"] / bare["perplexity"], intended_share(n), "o")
+            ax.annotate(name, (n["perplexity"] / bare["perplexity"], intended_share(n)), fontsize=6,
+                        xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("perplexity under the bare model, x its own samples'")
+    ax.set_ylabel("share with the tone asked for (VADER)")
+    ax.set_title("control against fluency, from neutral prompts")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def plot_sweep(rows, alphas, path):
@@ -108,13 +174,20 @@ def parser():
     p.add_argument("--num-beams", type=int, default=5, help="e2e (default: %(default)s, the paper's)")
     p.add_argument("--prompt-words", type=int, default=3, help="sentiment: words of each held-out text given as "
                    "the prompt (default: %(default)s)")
-    p.add_argument("--n-samples", type=int, default=2, help="sentiment: continuations per held-out text "
-                   "(default: %(default)s)")
+    p.add_argument("--n-samples", type=int, default=2, help="sentiment: continuations per held-out text; 0 for "
+                   "the neutral prompts only (default: %(default)s)")
+    p.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
+                   help="sentiment: the sweep's alphas, in [0, 1]; the ends' shares need 0 and 1 (default: %(default)s)")
     p.add_argument("--sweep-samples", type=int, default=24, help="sentiment: continuations per neutral prompt "
                    "and alpha (default: %(default)s: 240 per alpha with the 10 built-in prompts)")
     p.add_argument("--sweep-prompts", help="sentiment: a file of neutral prompts for the alpha sweep, one per line "
                    "(default: 10 built-in prompts about the summer school, e.g. 'The lectures')")
     p.add_argument("--max-new-tokens", type=int, help="(default: sentiment 40; e2e 100, the paper's)")
+    p.add_argument("--guidance", type=float, nargs="+", default=[DEFAULT_STRENGTH],
+                   help="sentiment: strengths of guidance at the logits (minprefix/guidance.py), each checkpoint "
+                        "evaluated at each; 0 is the K/V mix alone (default: %(default)s, sample.py's)")
+    p.add_argument("--guide-from", default=DEFAULT_ANCHOR, choices=ANCHORS, help="sentiment: guidance's anchor: "
+                   "the bare model (DExperts' form) or the K/V mix (default: %(default)s, sample.py's)")
     p.add_argument("--temperature", type=float, default=0.7, help="sentiment (default: %(default)s)")
     p.add_argument("--top-p", type=float, default=0.9, help="sentiment (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
@@ -132,10 +205,16 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.reference:
         os.environ["MINPREFIX_REFERENCE"] = "1"
-    for flag in ("limit", "batch_size", "num_beams", "prompt_words", "n_samples", "sweep_samples", "max_new_tokens"):
+    for flag in ("limit", "batch_size", "num_beams", "prompt_words", "sweep_samples", "max_new_tokens"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    if args.n_samples < 0:
+        p.error(f"--n-samples must be at least 0, got {args.n_samples}")
+    if len(set(args.alphas)) < 2 or not all(0.0 <= a <= 1.0 for a in args.alphas):
+        p.error(f"--alphas: two or more values in [0, 1], got {' '.join(map(str, args.alphas))}")
+    if any(g < 0 for g in args.guidance):
+        p.error(f"--guidance must be >= 0, got {' '.join(map(str, args.guidance))}")
     return e2e(p, args) if args.task == "e2e" else sentiment(p, args)
 
 
@@ -155,6 +234,8 @@ def e2e(p, args):
         args.prefix = ["weights/e2e-prefix.safetensors"]
     if args.prefix and len(args.prefix) > 1:
         p.error("--task e2e evaluates one system at a time: give one --prefix")
+    if args.prefix and read_meta(args.prefix[0])["mode"] == "base":  # a model folder as it is: as --model FOLDER
+        args.model, args.prefix = args.prefix[0], None
     data = args.data or "../shared/data/e2e/test.txt.gz"
     table_list = read_tables(data, args.limit)
     if args.prefix:
@@ -175,7 +256,8 @@ def e2e(p, args):
         system = (f"fine-tuned from {tuned.get('fine_tuned_from')} ({args.model})" if tuned else
                   f"base model {model.name_or_path}, as it is (not fine-tuned by train.py)")
     outputs, scores, settings = evaluate_e2e(
-        model, Tokenizer(), table_list, method, system=system, batch_size=args.batch_size,
+        model, Tokenizer.for_model(model.name_or_path), table_list, method, system=system,
+        batch_size=args.batch_size,
         num_beams=args.num_beams, max_new_tokens=args.max_new_tokens or 100)
     settings.update(data=data, limit=args.limit, dtype=args.dtype, path="reference" if not fast.enabled() else "fast")
     out = args.out or "weights/eval-e2e"
@@ -186,7 +268,8 @@ def e2e(p, args):
 
 
 def sentiment(p, args):
-    from minprefix.evaluation import NEUTRAL_PROMPTS, Judge, evaluate_prefix, evaluate_reference, n_continuations
+    from minprefix.evaluation import (NEUTRAL_PROMPTS, AfinnJudge, Judge, evaluate_prefix, evaluate_reference,
+                                      n_continuations)
     t0 = time.time()
     args.prefix = args.prefix or [latest(DEFAULT_CHECKPOINT)]
     args.data = args.data or "data/test.jsonl"
@@ -194,9 +277,11 @@ def sentiment(p, args):
     args.out = args.out or "weights/eval"
     metas = [read_meta(path) for path in args.prefix]
     for path, meta in zip(args.prefix, metas):
-        if meta["mode"] == "finetune":
-            p.error(f"{path} is a fine-tuned model: one model for every label, with nothing to steer by; the "
-                    f"sentiment evaluation compares a method's labels (train a prefix or a LoRA)")
+        if meta["mode"] in ("finetune", "base"):
+            what = ("a model used as it is" if meta["mode"] == "base" else
+                    "a fine-tuned model: one model for every label")
+            p.error(f"{path} is {what}, with nothing to steer by; the sentiment evaluation compares a method's "
+                    f"labels (train a prefix or a LoRA; its table has the base model's row already)")
     labels = metas[0]["labels"]
     for path, meta in zip(args.prefix, metas):
         if meta["labels"] != labels:
@@ -212,23 +297,29 @@ def sentiment(p, args):
     model, methods = load_all(p, args, args.prefix)
     device = model.device
     examples = read_jsonl(args.data, labels=labels)[:args.limit]
-    tok, judge = Tokenizer(), Judge()
-    alphas = (0.0, 0.25, 0.5, 0.75, 1.0)
+    tok, judge, second = Tokenizer.for_model(model.name_or_path), Judge(), AfinnJudge()
+    if any(g and not method.mixes for method, _ in methods for g in args.guidance):
+        p.error("--guidance combines the labels' logits; a checkpoint here has no labels to mix")
+    alphas = tuple(sorted(set(args.alphas)))
     settings = dict(n_words=args.prompt_words, n_samples=args.n_samples, sweep_samples=args.sweep_samples,
                     max_new_tokens=args.max_new_tokens, seed=args.seed, alphas=alphas, sweep_prompts=sweep_prompts,
                     temperature=args.temperature, top_p=args.top_p)
     torch.manual_seed(args.seed)
     names = [row_name(m) for _, m in methods]
     names = [f"{n} ({os.path.basename(str(path))})" if names.count(n) > 1 else n for n, path in zip(names, args.prefix)]
-    systems = ([(row_name(None), None)] if args.base else []) + [(n, method) for n, (method, _) in zip(names, methods)]
+    systems = ([(row_name(None), None, 0.0)] if args.base else []) + [
+        (n + (f", guidance {g:g}" + (" from the mix" if args.guide_from == "mix" else "") if g else ""), method, g)
+        for n, (method, _) in zip(names, methods)
+        for g in args.guidance]
     total = sum(n_continuations(method, len(examples), args.n_samples, args.sweep_samples, len(alphas),
-                                len(sweep_prompts)) for _, method in systems)
+                                len(sweep_prompts)) for _, method, _ in systems)
     rows = []
     with tqdm(total=total, desc="continuations", unit="text", dynamic_ncols=True) as bar:
-        for name, method in systems:
+        for name, method, g in systems:
             t = time.time()
             bar.set_postfix_str(name)
-            rows.append((name, evaluate_prefix(model, tok, judge, examples, labels, method, progress=bar, **settings)))
+            rows.append((name, evaluate_prefix(model, tok, judge, examples, labels, method, progress=bar,
+                                               second=second, guidance=g, anchor=args.guide_from, **settings)))
             tqdm.write(f"{name}: {time.time() - t:.0f} s")
 
     rows.append(("held-out texts themselves (how often VADER agrees with the human label)",
@@ -244,21 +335,28 @@ def sentiment(p, args):
             f"{device}")
     for name, r in rows:
         if "dial_slope" in r:
-            lo, hi = r["alpha_sweep_ci"][0.0], r["alpha_sweep_ci"][1.0]
+            a0, a1 = alphas[0], alphas[-1]
+            lo, hi = r["alpha_sweep_ci"][a0], r["alpha_sweep_ci"][a1]
             note += (f"\n- {name}: dial slope {r['dial_slope']:+.3f} VADER per unit of alpha, "
-                     f"{'monotone' if r['dial_monotone'] else 'NOT monotone'}; alpha 0 {r['alpha_sweep'][0.0]:+.3f} "
-                     f"[{lo[0]:+.3f}, {lo[1]:+.3f}], alpha 1 {r['alpha_sweep'][1.0]:+.3f} [{hi[0]:+.3f}, {hi[1]:+.3f}]"
-                     f": the ends' 95% intervals {'are apart' if r['dial_ends_apart'] else 'OVERLAP'}")
+                     f"{'monotone' if r['dial_monotone'] else 'NOT monotone'}; alpha {a0:g} {r['alpha_sweep'][a0]:+.3f} "
+                     f"[{lo[0]:+.3f}, {lo[1]:+.3f}], alpha {a1:g} {r['alpha_sweep'][a1]:+.3f} [{hi[0]:+.3f}, "
+                     f"{hi[1]:+.3f}], {r['alpha_sweep'][a1] - r['alpha_sweep'][a0]:.2f} apart: the ends' 95% "
+                     f"intervals {'are apart' if r['dial_ends_apart'] else 'OVERLAP'}")
+    ends = neutral_table(rows)
+    note += (f"\n\nFrom the {len(sweep_prompts)} neutral prompts ({args.sweep_samples} samples each): the dial's ends, "
+             f"and the bare model's own samples\n\n{ends}")
     with open(os.path.join(args.out, "eval.md"), "w") as f:
         f.write(table + "\n\n" + note + "\n")
     with open(os.path.join(args.out, "eval.json"), "w") as f:
         json.dump(clean({"settings": dict(settings, alphas=list(alphas), base_model=model.name_or_path,
-                                          data=args.data, prefixes=args.prefix, limit=args.limit),
+                                          data=args.data, prefixes=args.prefix, limit=args.limit,
+                                          guidance=args.guidance, guide_from=args.guide_from),
                          "rows": [dict(r, name=n) for n, r in rows], "minutes": minutes}), f, indent=2,
                   allow_nan=False)
     plot_sweep(rows, alphas, os.path.join(args.out, "alpha_sweep.png"))
+    frontier = plot_frontier(rows, os.path.join(args.out, "frontier.png"))
     print(table)
-    print(f"\n{note}\nwrote {args.out}/eval.md, eval.json, alpha_sweep.png")
+    print(f"\n{note}\nwrote {args.out}/eval.md, eval.json, alpha_sweep.png" + (", frontier.png" if frontier else ""))
     return 0
 
 

@@ -9,6 +9,7 @@ alpha * positive + (1 - alpha) * negative; --weights: one weight per label).
                                                      # to bright, past the model's window (docs/long.md)
   python sample.py --prefix weights/e2e-prefix.safetensors --num-beams 5 \\
       --prompt "name : The Eagle | Type : pub | area : riverside"        # a source -> text prefix: the prompt is the source
+  python sample.py --prefix ../shared/models/imdb-gpt2-19m --prompt "The labs"   # a model folder alone, no prefix
 
 The checkpoint is the one train.py wrote last (weights/latest), unless --prefix names another. Prompts of
 different lengths are decoded together, padded on the left with an attention mask that hides the padding and
@@ -28,6 +29,7 @@ from minprefix.data import source_prompt
 from minprefix.e2e import DECODING
 from minprefix.beam import hypotheses
 from minprefix.generate import pad_left, stream
+from minprefix.guidance import ANCHORS, DEFAULT_ANCHOR, DEFAULT_STRENGTH, guide
 from minprefix.method import latest, load, read_meta
 from minprefix.prefix import DEFAULT_CHECKPOINT, label_weights
 from minprefix.tone import Tone, alpha_weights, parse_schedule
@@ -38,7 +40,8 @@ SAMPLING = {"temperature": 0.8, "top_p": 0.9, "top_k": None, "seed": 0}  # defau
 def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prefix", "--checkpoint", dest="prefix", help="a checkpoint from train.py: a prefix or LoRA "
-                   f"(.safetensors) or a fine-tuned model folder (default: the one train.py wrote last, else "
+                   f"(.safetensors) or a fine-tuned model folder; or any model folder in the hub's layout, which then "
+                   f"writes alone, no prefix (the baseline) (default: the one train.py wrote last, else "
                    f"{DEFAULT_CHECKPOINT})")
     tone = p.add_mutually_exclusive_group()
     tone.add_argument("--alpha", help="weight of the label called positive against the other: 1.0 positive, 0.0 "
@@ -48,6 +51,14 @@ def parser():
     tone.add_argument("--sentiment", help="one label alone, e.g. positive")
     tone.add_argument("--weights", help="one weight per label, comma-separated, in the checkpoint's label order")
     p.add_argument("--extrapolate", action="store_true", help="allow --alpha outside [0, 1]")
+    p.add_argument("--guidance", type=float, help="strength of guidance at the logits: each sample decoded as an "
+                   "anchor and each label alone, its next token drawn from z_anchor + strength * (2 alpha - 1) * "
+                   "(z_positive - z_negative) (DExperts with the labels' prefixes as experts; minprefix/guidance.py); "
+                   f"0 for the K/V mix alone (default: {DEFAULT_STRENGTH:g} when sampling with two or more labels; "
+                   "not with --num-beams)")
+    p.add_argument("--guide-from", default=DEFAULT_ANCHOR, choices=ANCHORS, help="guidance's anchor: bare, the model "
+                   "without a prefix (DExperts' form: the labels' shared style cancels, the bare model's fluency "
+                   "stays), or mix, the K/V mix at alpha (default: %(default)s)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", default="", help="text to continue (default: none, a fresh text)")
     src.add_argument("--prompts-file", help="one prompt per line ('-': standard input; blank lines are skipped, and "
@@ -71,7 +82,7 @@ def parser():
                    "keys weigh 1 + B * n / P times more in attention, n the text's positions so far, P the prefix's "
                    "(DTPA-style; docs/long.md measures it); prefixes only (default: 0, off)")
     p.add_argument("--allow-newlines", action="store_true", help="beam search with a source -> text checkpoint: "
-                   "do not ban the newline tokens 198 and 628 (the paper bans them)")
+                   "do not ban the newline tokens, \"\\n\" and \"\\n\\n\" (GPT-2's 198 and 628; the paper bans them)")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="print tokens as they are decoded, one sample at a time (default: at a terminal, with one "
                         "sample in all)")
@@ -106,8 +117,9 @@ def tone(p, args, meta, mixes):
              if v is not None]
     if not mixes:
         if given:
-            p.error(f"{given[0]}: {args.prefix} is a fine-tuned model, one model for every label: it has no labels "
-                    f"to mix (train a prefix or a LoRA for that)")
+            what = ("a model used as it is" if meta["mode"] == "base" else
+                    "a fine-tuned model, one model for every label")
+            p.error(f"{given[0]}: {args.prefix} is {what}: it has no labels to mix (train a prefix or a LoRA for that)")
         return torch.ones(1, 1), {}, None
     if args.alpha is not None:
         if len(labels) != 2:
@@ -150,7 +162,7 @@ def main(argv=None):
     beams = args.num_beams > 1
     if beams:  # beam search is deterministic and picks its own tokens: refuse what it would silently ignore
         for flag, value in (("--temperature", args.temperature), ("--top-k", args.top_k), ("--top-p", args.top_p),
-                            ("--seed", args.seed), ("--stream", args.stream or None)):
+                            ("--seed", args.seed), ("--stream", args.stream or None), ("--guidance", args.guidance)):
             if value is not None:
                 p.error(f"{flag} does not apply to beam search (--num-beams {args.num_beams}), which is deterministic; "
                         f"drop {flag}, or sample with --num-beams 1")
@@ -160,6 +172,8 @@ def main(argv=None):
         for name, default in SAMPLING.items():
             if getattr(args, name) is None:
                 setattr(args, name, default)
+    if args.guidance is not None and args.guidance < 0:
+        p.error(f"--guidance must be >= 0 (0 is the K/V mix alone), got {args.guidance:g}")
     if args.n is None:
         args.n = 1 if args.prompts_file or beams else 3
     for flag, value in (("--n", args.n), ("--max-new-tokens", args.max_new_tokens), ("--batch-size", args.batch_size),
@@ -184,6 +198,13 @@ def main(argv=None):
     model = fast.decoding_model(args.model or meta["base_model"], args.dtype, args.device)
     method, meta = load(args.prefix, model)  # now checked against the base model
     weights, recorded, schedule = tone(p, args, meta, method.mixes)
+    if args.guidance is None:
+        args.guidance = DEFAULT_STRENGTH if method.mixes and len(meta["labels"]) > 1 and not beams else 0.0
+    elif args.guidance and not (method.mixes and len(meta["labels"]) > 1):
+        p.error(f"--guidance {args.guidance:g} combines the labels' logits; {args.prefix} has "
+                + (f"one label ({meta['labels'][0]})" if method.mixes else "no labels to mix") + ": drop --guidance")
+    if args.guidance:
+        recorded.update(guidance=args.guidance, guide_from=args.guide_from)
     prompts = read_prompts(args.prompts_file) if args.prompts_file else [(None, args.prompt)]
     if conditional and not all(q.strip() for _, q in prompts):
         p.error("this checkpoint writes text for a source (e.g. an E2E table): give it with --prompt or --prompts-file")
@@ -196,11 +217,13 @@ def main(argv=None):
     if schedule is not None and beams:
         p.error(f"--alpha {args.alpha}: a schedule is for sampling; beam search keeps one mix (give one number)")
     device = model.device
-    tok = Tokenizer()
+    tok = Tokenizer.for_model(model.name_or_path)  # the model folder's own BPE, else GPT-2's
     mix = ", ".join(f"{w:g}*{l}" for w, l in zip(weights[0].tolist(), meta["labels"])) if method.mixes else "no mix"
     if schedule is not None:
         mix = f"alpha {schedule} over the new tokens (first token: {mix})"
-    print(f"# {meta['mode']} {args.prefix} on {model.name_or_path}: {mix}", flush=True)
+    print(f"# {meta['mode']} {args.prefix} on {model.name_or_path}: {mix}"
+          + (f", guidance {args.guidance:g} from "
+             + ("the bare model" if args.guide_from == "bare" else "the K/V mix") if args.guidance else ""), flush=True)
 
     n, one = args.n, beams  # with beams, each prompt is decoded once and gives its n best hypotheses
     rows = [(i, q) for i, (_, q) in enumerate(prompts) for _ in range(1 if one else n)]
@@ -213,10 +236,11 @@ def main(argv=None):
     label = lambda r, j: r * n + j + 1 if one else r + 1  # the sample's number, as printed: [k]
     for start in range(0, len(rows), batch_size):
         batch = list(range(start, min(start + batch_size, len(rows))))
-        idx, real = pad_left([ids[r] for r in batch], device=device)
-        changing = None if schedule is None else Tone(method, model, meta["labels"], schedule, len(batch))
-        run, cache = method.apply(model, weights.to(device).repeat(len(batch), 1)) if changing is None else \
-            changing.start()  # one mix for every row
+        idx, real = pad_left([ids[r] for r in batch], tok.eot, device=device)
+        changing = None if schedule is None else Tone(method, model, meta["labels"], schedule, len(batch),
+                                                      args.guidance, args.guide_from)
+        run, cache = changing.start() if changing is not None else \
+            guide(method, model, weights.to(device).repeat(len(batch), 1), args.guidance, args.guide_from)
         if args.prefix_boost:
             if cache is None:
                 p.error(f"--prefix-boost amplifies attention to a prefix, and {args.prefix} ({meta['mode']}) puts "
@@ -225,10 +249,10 @@ def main(argv=None):
         if beams:
             settings = dict(min_new_tokens=args.min_new_tokens if args.min_new_tokens is not None else
                             (DECODING["min_new_tokens"] if e2e else 0),
-                            banned=DECODING["banned"] if e2e and not args.allow_newlines else ())
+                            banned=tok.newlines if e2e and not args.allow_newlines else ())
             pieces = dict(steps=fast.StaticSteps, pairs=fast.best_pairs) if fast.enabled() else {}
-            found = hypotheses(run, idx, args.num_beams, args.max_new_tokens, kv_cache=cache, real=real, **settings,
-                               **pieces)
+            found = hypotheses(run, idx, args.num_beams, args.max_new_tokens, kv_cache=cache, real=real, eot=tok.eot,
+                               **settings, **pieces)
             for r, hyps in zip(batch, found):
                 for j, (_, new) in enumerate(hyps[:n]):
                     new = new[:-1] if new[-1:] == [tok.eot] else new
@@ -237,7 +261,7 @@ def main(argv=None):
                     show(label(r, j), rows[r][1], texts[r][-1], conditional, not in_order)
             continue
         steps = (fast.stream if fast.enabled() else stream)(run, idx, args.max_new_tokens, kv_cache=cache, real=real, seed=args.seed + start,
-                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eot=tok.eot,
                               min_new_tokens=args.min_new_tokens or 0, tone=changing)
         if streaming:  # one row: print each piece of text as soon as its characters are whole
             r = batch[0]

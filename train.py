@@ -36,6 +36,7 @@ DEFAULTS = {"prefix_len": (10, 5), "epochs": (10, 5), "batch_size": (2, 10)}
 LR = {"labelled": {"kv": 5e-3, "kv+mlp": 3e-4, "embedding": 5e-3, "lora": 1e-3, "finetune": 5e-5},
       "reference": {"kv": 5e-5, "kv+mlp": 5e-5, "embedding": 5e-5, "lora": 5e-5, "finetune": 5e-5},
       "source": {"kv": 8e-5, "kv+mlp": 8e-5, "embedding": 8e-5, "lora": 2e-4, "finetune": 5e-5}}
+CONTRASTIVE = 0.0  # the contrastive term's weight on labelled text (README, "Results": the frontier)
 OUT = {"kv": "prefix.safetensors", "embedding": "prefix.safetensors", "lora": "lora.safetensors",
        "finetune": "finetuned"}
 
@@ -43,8 +44,9 @@ OUT = {"kv": "prefix.safetensors", "embedding": "prefix.safetensors", "lora": "l
 def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=os.environ.get("MINPREFIX_MODEL", "gpt2"),
-                   help="hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a local folder in the hub's layout "
-                        "(default: $MINPREFIX_MODEL, else gpt2)")
+                   help="hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl), hub repository (owner/name) or a local "
+                        "folder in the hub's layout; its tokenizer comes with it (docs/models.md) (default: "
+                        "$MINPREFIX_MODEL, else gpt2)")
     p.add_argument("--data", default="data/train.jsonl", help="training data: JSONL {\"text\", \"sentiment\"}, "
                    "JSONL {\"source\", \"text\"}, or E2E table||text lines (.txt or .txt.gz) (default: %(default)s)")
     p.add_argument("--format", choices=FORMATS, help="what a JSONL file holds, where its rows do not say it "
@@ -69,6 +71,10 @@ def parser():
     p.add_argument("--lora-targets", default=",".join(DEFAULT_TARGETS),
                    help="comma-separated: q, k, v (parts of attn.c_attn), c_attn (all of it, one pair), attn.c_proj, "
                         "mlp.c_fc, mlp.c_proj (default: %(default)s, the LoRA paper's GPT-2 setup)")
+    p.add_argument("--contrastive", type=float, help="weight of the contrastive term: each text asked to be likelier "
+                   "under its own label's prefix (or LoRA) than under the others' (Qian et al. 2022); costs about one "
+                   "more forward and backward per extra label (default: %s for labelled text with two or more labels, "
+                   "0 otherwise)" % CONTRASTIVE)
     p.add_argument("--recipe", default="steer", choices=["steer", "reference"],
                    help="labelled text's defaults: steer (learning rates that turn the dial within the run) or "
                         "reference (the brief's setup: batch 2, lr 5e-5) (default: %(default)s)")
@@ -125,6 +131,8 @@ def main(argv=None):
             p.error(f"--lora-targets: {e}")
     else:
         targets = None
+    if args.contrastive is not None and args.contrastive < 0:
+        p.error(f"--contrastive must be >= 0, got {args.contrastive}")
     if args.mode == "finetune" and args.dtype != "float32":
         p.error(f"--mode finetune trains every weight in place: use --dtype float32, not {args.dtype}")
     for name, (plain, e2e) in DEFAULTS.items():
@@ -153,14 +161,21 @@ def main(argv=None):
         args.val_data = os.path.join(os.path.dirname(args.data), "valid.txt.gz") if conditional else "data/test.jsonl"
 
     labels = label_names(train_set)
+    steers = not conditional and len(labels) > 1 and args.mode != "finetune"
+    if args.contrastive is None:
+        args.contrastive = CONTRASTIVE if steers else 0.0
+    elif args.contrastive and not steers:
+        p.error(f"--contrastive {args.contrastive:g}: the contrastive term tells labels apart; "
+                + ("fine-tuning trains one model for every label" if args.mode == "finetune" else
+                   f"{args.data} has one label ({labels[0]})") + ": drop --contrastive")
     val_set = read_data(args.val_data, labels=None if conditional else labels, format=args.format)
     if (val_set[0].source is not None) != conditional:
         p.error(f"--val-data {args.val_data} is not the same kind of data as --data {args.data}")
     train_set, val_set = train_set[:args.limit], val_set[:args.val_limit]
 
     torch.manual_seed(args.seed)
-    tok = Tokenizer()
     model = GPT2.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    tok = Tokenizer.for_model(model.name_or_path)  # the model folder's own BPE, else GPT-2's
     device = model.device
     note = fast.half_precision_note(args.dtype, device)
     if note:
@@ -181,6 +196,7 @@ def main(argv=None):
     trainable = sum(q.numel() for q in method.parameters())
     print(f"base model {model.name_or_path}: {base:,} parameters, {args.dtype}, "
           f"{'all trained' if args.mode == 'finetune' else 'frozen'}; {'fast' if fast.enabled() else 'reference'} path")
+    print(f"tokenizer: {tok.source}; end of text: token {tok.eot}")
     task = "source -> text" if conditional else f"labels {', '.join(f'{l} -> {i}' for i, l in enumerate(labels))}"
     print(f"{task}; {len(train_items)} training and {len(val_items)} held-out examples")
     what = {"finetune": "fine-tuning", "lora": f"LoRA (r={args.lora_rank}, alpha={args.lora_alpha:g}, on "
@@ -188,7 +204,8 @@ def main(argv=None):
                                                            f"{args.prefix_len} positions)")
     print(f"{what}: {trainable:,} trainable parameters ({100 * trainable / base:.2f}% of the base); lr {args.lr:g}, "
           f"batch {args.batch_size}, {args.epochs} epochs" + (f", warm-up {args.warmup}" if args.warmup else "")
-          + (f", weight decay {args.weight_decay:g}" if args.weight_decay else ""))
+          + (f", weight decay {args.weight_decay:g}" if args.weight_decay else "")
+          + (f", contrastive term x{args.contrastive:g}" if args.contrastive else ""))
 
     run = {"data": os.path.abspath(args.data), "data_sha256": file_digest(args.data), "limit": args.limit,
            "val_data": os.path.abspath(args.val_data), "val_limit": args.val_limit, "format": args.format,
@@ -197,14 +214,15 @@ def main(argv=None):
            "lora": [args.lora_rank, args.lora_alpha, list(targets)] if targets else None}
     info = {"data": args.data, "epochs": args.epochs, "max_steps": args.max_steps, "trainable_params": trainable,
             "task": task,
-            "conditional": conditional, "dtype": args.dtype, "init": args.init, "recipe": recipe}
+            "conditional": conditional, "dtype": args.dtype, "init": args.init, "recipe": recipe,
+            "contrastive": args.contrastive}
     t0 = time.time()
     try:
         history = train(model, method, train_items, val_items, labels, args.out, epochs=args.epochs,
                         batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=device, info=info,
                         keep=args.keep, resume=args.resume, group_by_length=args.group_by_length, run=run,
                         weight_decay=args.weight_decay, warmup=args.warmup, keep_state=args.keep_resume_state,
-                        max_steps=args.max_steps, eval_every=args.eval_every)
+                        max_steps=args.max_steps, eval_every=args.eval_every, contrastive=args.contrastive)
     except NothingToResume as e:
         print(str(e).removeprefix("--resume: "))
         return 0

@@ -36,12 +36,12 @@ def machine():
         return "an unknown CPU"
 
 
-def one_round(model, idx, cache, tokens, seed):
+def one_round(model, idx, cache, tokens, seed, eot):
     """-> the time at which each new token arrived, from the call on (seconds)."""
     t0 = time.perf_counter()
     times = []
     for _ in fast.stream(model, idx, tokens, kv_cache=cache, min_new_tokens=tokens, temperature=0.8, top_p=0.9,
-                         seed=seed):
+                         seed=seed, eot=eot):
         times.append(time.perf_counter() - t0)
     return times
 
@@ -65,17 +65,18 @@ def main():
     with torch.no_grad():
         prefix.table_.normal_()
     cache = prefix.cache(model, label_weights(1, label=0).repeat(args.batch, 1))
-    idx = torch.tensor([[Tokenizer().eot] + Tokenizer().encode("The film")] * args.batch)
+    tok = Tokenizer()
+    idx = torch.tensor([[tok.eot] + tok.encode("The film")] * args.batch)
     positions = model.config.n_positions - 10
     keep = int(KEEP * positions)
     print(f"{args.model} ({args.dtype}), fast path, batch {args.batch}, a 10-position prefix, {args.tokens} new tokens "
           f"a round; window {model.config.n_positions} positions: re-encoded after {positions - idx.size(1) + 1} "
           f"tokens, then every {positions - keep} ({keep} tokens kept)")
     print(f"{machine()}, {torch.get_num_threads()} threads; torch {torch.__version__}")
-    one_round(model, idx, cache, 50, seed=0)  # warm-up: the packed weights, the allocator
+    one_round(model, idx, cache, 50, 0, tok.eot)  # warm-up: the packed weights, the allocator
     early, whole, ratio, step, reencode = [], [], [], [], []
     for r in range(args.rounds):
-        times = one_round(model, idx, cache, args.tokens, seed=r)
+        times = one_round(model, idx, cache, args.tokens, r, tok.eot)
         gaps = [b - a for a, b in zip(times, times[1:])]
         early.append(args.first * args.batch / times[args.first - 1])
         whole.append(args.tokens * args.batch / times[-1])

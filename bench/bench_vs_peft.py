@@ -150,11 +150,12 @@ def hf_sampler(model, device, peft_model=None):
         with torch.no_grad():
             if peft_model is not None:  # as shipped: PEFT brings its own prefix (its table holds the same values)
                 out = peft_model.generate(input_ids=idx, attention_mask=mask[:, P:], max_new_tokens=new_tokens,
-                                          min_new_tokens=new_tokens, do_sample=False, pad_token_id=50256)
+                                          min_new_tokens=new_tokens, do_sample=False,
+                                          pad_token_id=model.config.eos_token_id)
             else:
                 out = model.generate(idx, attention_mask=mask, cache=DynamicCache(ddp_cache_data=kv),
                                      max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                     pad_token_id=50256)
+                                     pad_token_id=model.config.eos_token_id)
         return out[:, PROMPT:].tolist()
     return sample
 
@@ -274,13 +275,13 @@ def beam_workload(side, device, repeats, model_dir=OFFLINE):
     model = fast.decoding_model(model_dir, side_dtype(side), device).requires_grad_(False)
     torch.manual_seed(0)
     prefix = build("kv", model, ["task"], tok, 5, True)
-    idx, real = pad_left([source_prompt(tok, t) for t, _ in tables], device=device)
+    idx, real = pad_left([source_prompt(tok, t) for t, _ in tables], tok.eot, device=device)
     search = fast.beam_search if fast.enabled() else beam_search
 
     def decode(n=40):
         with torch.no_grad():
             run, cache = prefix.apply(model, torch.ones(len(tables), 1, device=device))
-            return search(run, idx, 5, n, kv_cache=cache, real=real, eot=None, banned=(198, 628))
+            return search(run, idx, 5, n, kv_cache=cache, real=real, eot=None, banned=tok.newlines)
     with Peak(device) as m:
         dt = timed(decode, device, repeats)
     return {"tokens_per_s": len(tables) * 60 / dt, "peak_bytes": m.bytes, "tokens": decode(12)[0]}

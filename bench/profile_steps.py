@@ -73,7 +73,7 @@ def training(dtype):
         opt.step()
 
     def head():
-        fast.LMHeadLoss.apply(h0, model.lm_head.weight, tg.flatten()).backward()
+        fast.LMHeadLoss.apply(h0, model.lm_head.weight, tg.flatten()).sum().backward()
 
     def blocks():
         _, cache = prefix.apply(model, w)
@@ -104,11 +104,12 @@ def kind(name, shapes):
 
 def e2e_prompts(tok):  # -> the first 10 E2E test tables' prompts, padded on the left: idx (10, T), real (10, T)
     tables = read_tables(os.path.join(REPO, "..", "shared", "data", "e2e", "test.txt.gz"), 10)
-    return pad_left([source_prompt(tok, t) for t, _ in tables])
+    return pad_left([source_prompt(tok, t) for t, _ in tables], tok.eot)
 
 
 def beam(dtype_name):
     tok = Tokenizer()
+    newlines = tok.newlines
     idx, real = e2e_prompts(tok)
     model = fast.decoding_model(MODEL, dtype_name).requires_grad_(False)
     torch.manual_seed(0)
@@ -117,7 +118,7 @@ def beam(dtype_name):
     def decode():
         with torch.no_grad():
             run, cache = prefix.apply(model, torch.ones(len(idx), 1))
-            fast.beam_search(run, idx, 5, 40, kv_cache=cache, real=real, eot=None, banned=(198, 628))
+            fast.beam_search(run, idx, 5, 40, kv_cache=cache, real=real, eot=None, banned=newlines)
     return decode
 
 

@@ -66,12 +66,12 @@ def write(model, method, labels, schedule, boost, args, tok):
     bar = tqdm(total=args.tokens, desc=f"  {schedule}, boost {boost:g}", unit="tok", leave=False)
     for start in range(0, len(rows), args.batch_size):
         batch = rows[start:start + args.batch_size]
-        idx, real = pad_left(batch)
+        idx, real = pad_left(batch, tok.eot)
         tone = Tone(method, model, labels, parse_schedule(schedule, extrapolate=True), len(batch))
         run, cache = tone.start()
         cache = cache.boosted(boost)
         bar.reset()
-        for x in fast.stream(run, idx, args.tokens, kv_cache=cache, real=real, seed=args.seed + start,
+        for x in fast.stream(run, idx, args.tokens, kv_cache=cache, real=real, seed=args.seed + start, eot=tok.eot,
                              min_new_tokens=args.tokens, tone=None if tone.schedule.constant else tone,
                              **SAMPLING):
             for j, t in enumerate(x[:, 0].tolist()):
@@ -100,14 +100,14 @@ def judge_stretches(texts, judge, tok, stretch):
 
 
 @torch.no_grad()
-def stretch_perplexity(model, texts, stretch):
+def stretch_perplexity(model, texts, stretch, eot):
     """-> per stretch, the base model's perplexity (no prefix) of its tokens read alone after <|endoftext|>, over
     all samples: what the tone costs in fluency."""
     out = []
     for k in range(len(texts[0]) // stretch):
         nll = 0.0
         for t in texts:
-            ids = torch.tensor([[Tokenizer().eot] + t[k * stretch:(k + 1) * stretch]])
+            ids = torch.tensor([[eot] + t[k * stretch:(k + 1) * stretch]])
             nll += torch.nn.functional.cross_entropy(model(ids[:, :-1])[0].float(), ids[0, 1:], reduction="sum").item()
         out.append(math.exp(nll / (stretch * len(texts))))
     return out
@@ -307,7 +307,7 @@ def main():
             scores = judge_stretches(texts, judge, tok, args.stretch)
             entry = {"alpha": schedule, "boost": boost, "samples": args.samples, "seconds": seconds,
                      "scores": scores, "summary": summarise(scores, parse_schedule(schedule, extrapolate=True).at(0)),
-                     "perplexity": stretch_perplexity(model, texts, args.stretch),
+                     "perplexity": stretch_perplexity(model, texts, args.stretch, tok.eot),
                      "texts": [tok.decode(t) for t in texts]}
             if schedule in ("0", "1"):
                 entry["attention"] = attention(model, method, meta["labels"], schedule, boost, texts, args, tok)

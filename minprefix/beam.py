@@ -25,31 +25,34 @@ import torch
 
 from minprefix.generate import room
 from minprefix.gpt2 import KVCache
-from minprefix.tokenizer import EOT
+from minprefix.guidance import Guided
 
 DEAD = -1e9  # the score of a beam that is not there yet (HF's value)
 
 
 def beam_search(model, idx, num_beams=5, max_new_tokens=100, min_new_tokens=0, banned=(), kv_cache=None, real=None,
-                eot=EOT, length_penalty=1.0):
+                *, eot, length_penalty=1.0):
     """idx (B, T) prompt tokens, padded on the left where real (B, T) is False -> B lists of new tokens: each row's
     best beam, without its closing eot. kv_cache: where the text starts, e.g. a prefix (one row per row of idx);
     it is left as it was. banned: tokens never written (as in HF, eot is never banned this way: min_new_tokens
-    holds it back). eot None: every hypothesis runs to max_new_tokens."""
+    holds it back). eot: the model's end-of-text id (Tokenizer.eot); None: every hypothesis runs to
+    max_new_tokens."""
     best = [hyps[0][1] for hyps in hypotheses(model, idx, num_beams, max_new_tokens, min_new_tokens, banned, kv_cache,
-                                              real, eot, length_penalty)]
+                                              real, eot=eot, length_penalty=length_penalty)]
     return [row[:-1] if row[-1:] == [eot] else row for row in best]
 
 
 @torch.no_grad()
 def hypotheses(model, idx, num_beams=5, max_new_tokens=100, min_new_tokens=0, banned=(), kv_cache=None, real=None,
-               eot=EOT, length_penalty=1.0, steps=None, pairs=None):
+               *, eot, length_penalty=1.0, steps=None, pairs=None):
     """Arguments as beam_search's -> per row, its num_beams finished hypotheses, best first: (score, new tokens
     with the closing eot where there is one). score: sum of log-probs / len(tokens)**length_penalty; these are HF's
     sequences_scores with num_return_sequences=num_beams. steps and pairs: the two pieces below (CacheSteps,
     best_pairs) unless minprefix/fast.py gives faster ones."""
     if num_beams < 1:
         raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+    if isinstance(model, Guided):  # its rows would be reordered as beams
+        raise ValueError("guidance at the logits is for sampling: decode without guidance, or sample (num_beams=1)")
     B, T = idx.shape
     N = num_beams
     cache = KVCache() if kv_cache is None else kv_cache.copy()

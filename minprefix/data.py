@@ -175,9 +175,11 @@ def tables(examples):
     return list(grouped.items())
 
 
-def batches(items, batch_size, shuffle=False, generator=None, pad=50256, group_by_length=False):
+def batches(items, batch_size, shuffle=False, generator=None, pad=None, group_by_length=False):
     """-> (idx (B, T), targets (B, T), labels (B,)). Padding goes on the right, where causal attention keeps
-    it out of every real token's view; its targets, and those of the context before `start`, are -100.
+    it out of every real token's view; its targets, and those of the context before `start`, are -100. pad: the id
+    written there (default: each row's own last token, the end-of-text token of a text that ends: an id of the
+    model's vocabulary, whatever its tokenizer).
 
     group_by_length: batches of similar lengths, less padding (HF Trainer's group_by_length): the shuffled order
     is cut into runs of 50 batches and each run sorted longest first, so batches still differ every epoch."""
@@ -189,9 +191,10 @@ def batches(items, batch_size, shuffle=False, generator=None, pad=50256, group_b
     for i in range(0, len(order), batch_size):
         chunk = [items[j] for j in order[i:i + batch_size]]
         T = max(len(ids) for ids, _, _ in chunk) - 1
-        idx = torch.full((len(chunk), T), pad, dtype=torch.long)
+        idx = torch.empty((len(chunk), T), dtype=torch.long)  # each row filled with its padding first
         targets = torch.full((len(chunk), T), -100, dtype=torch.long)
         for row, (ids, start, _) in enumerate(chunk):
+            idx[row] = ids[-1] if pad is None else pad
             ids = torch.tensor(ids)
             idx[row, :len(ids) - 1] = ids[:-1]
             targets[row, start - 1:len(ids) - 1] = ids[start:]  # position t predicts token t+1

@@ -1,9 +1,10 @@
 """The prefix-tuning paper's own task, E2E table-to-text, decoded and scored as the paper did.
 
 Decoding (the paper's gpt2/run_generation.py): the prompt is ` {table} <|endoftext|>`; beam search with 5
-beams, at least 5 new tokens, the newline tokens 198 and 628 banned, stop at <|endoftext|>, at most 100 new
-tokens; one output per test table, stripped. Scoring: minprefix/e2e_metrics.py, the official e2e-metrics
-definitions (BLEU, NIST, ROUGE-L, CIDEr; METEOR needs Java and is left out).
+beams, at least 5 new tokens, the newline tokens banned ("\n" and "\n\n": GPT-2's 198 and 628; the model's
+tokenizer says which ids they are), stop at <|endoftext|>, at most 100 new tokens; one output per test table,
+stripped. Scoring: minprefix/e2e_metrics.py, the official e2e-metrics definitions (BLEU, NIST, ROUGE-L, CIDEr;
+METEOR needs Java and is left out).
 """
 import json
 import math
@@ -20,7 +21,7 @@ from minprefix.e2e_metrics import e2e_scores
 from minprefix.files import atomic_path
 from minprefix.generate import pad_left
 
-DECODING = dict(num_beams=5, min_new_tokens=5, banned=(198, 628), max_new_tokens=100)  # the paper's
+DECODING = dict(num_beams=5, min_new_tokens=5, max_new_tokens=100)  # the paper's; banned: Tokenizer.newlines
 
 
 def read_tables(path, limit=None):
@@ -37,17 +38,17 @@ def decode_tables(model, tok, table_list, method=None, batch_size=10, progress=T
     """One text per table, in order: beam search from ` {table} <|endoftext|>`, under the task's method (a prefix,
     a LoRA; None: the model as it is).
     Tables are decoded batch_size at a time, shortest first (less padding), and put back in order."""
-    decoding = dict(DECODING, **decoding)
+    decoding = {**DECODING, "banned": tok.newlines, **decoding}
     prompts = [source_prompt(tok, t) for t, _ in table_list]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outputs = [None] * len(prompts)
     for start in tqdm(range(0, len(order), batch_size), desc="decoding tables", dynamic_ncols=True,
                       disable=not progress):
         rows = order[start:start + batch_size]
-        idx, real = pad_left([prompts[i] for i in rows], device=model.device)
+        idx, real = pad_left([prompts[i] for i in rows], tok.eot, device=model.device)
         run, cache = (model, None) if method is None else method.apply(model, torch.ones(len(rows), 1, device=model.device))
         search = fast.beam_search if fast.enabled() else beam_search
-        for i, new in zip(rows, search(run, idx, kv_cache=cache, real=real, **decoding)):
+        for i, new in zip(rows, search(run, idx, kv_cache=cache, real=real, eot=tok.eot, **decoding)):
             outputs[i] = tok.decode(new).strip()
     return outputs
 
@@ -92,7 +93,8 @@ def evaluate_e2e(model, tok, table_list, method=None, system="", batch_size=10, 
     scores = e2e_scores(outputs, [refs for _, refs in table_list])
     if math.isnan(scores["nist"]):
         scores["nist"] = None
-    settings = dict(DECODING, **decoding, system=system, tables=len(table_list), base_model=model.name_or_path,
-                    minutes=(time.time() - t0) / 60, device=str(model.device), batch_size=batch_size)
+    settings = dict({**DECODING, "banned": tok.newlines, **decoding}, system=system, tables=len(table_list),
+                    base_model=model.name_or_path, minutes=(time.time() - t0) / 60, device=str(model.device),
+                    batch_size=batch_size)
     settings["banned"] = list(settings["banned"])
     return outputs, scores, settings

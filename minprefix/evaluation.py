@@ -1,5 +1,8 @@
 """Does the text carry the sentiment asked for? Continuations of held-out texts, scored by our BLEU/ROUGE,
-judged by VADER (a lexicon judge nobody here trained), plus fluency, diversity and an alpha sweep."""
+judged by VADER (a lexicon judge nobody here trained), plus fluency, diversity and an alpha sweep; and, as
+controlled-generation papers report it, from neutral prompts: the share of continuations with the tone asked for
+at each end of the dial, judged by VADER and by a second lexicon (AFINN), beside the bare model's own share, and
+the continuations' perplexity under the bare model beside that of its own samples."""
 import math
 from collections import defaultdict
 
@@ -8,6 +11,7 @@ import torch.nn.functional as F
 
 from minprefix import fast
 from minprefix.generate import KEEP, Window, generate
+from minprefix.guidance import DEFAULT_ANCHOR, guide
 from minprefix.metrics import corpus_bleu, rouge_l, rouge_n
 from minprefix.prefix import label_weights
 
@@ -17,6 +21,7 @@ NEUTRAL_PROMPTS = ["The summer school", "The lectures", "The food", "Our mentor"
 
 class Judge:
     """VADER's compound score in [-1, 1]; its documented thresholds: >= 0.05 positive, <= -0.05 negative."""
+    name = "VADER"
 
     def __init__(self):
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
@@ -28,6 +33,24 @@ class Judge:
     def label(self, text):
         s = self.score(text)
         return "positive" if s >= 0.05 else "negative" if s <= -0.05 else "neutral"
+
+
+class AfinnJudge:
+    """The second judge: AFINN (Nielsen 2011), 3,382 English words each rated -5..5 by a person, shipped with its
+    package; a text's score is the sum of its words' ratings: > 0 positive, < 0 negative. Another lexicon and
+    another rule than VADER's (no boosters, no negation handling), so a gain both see is not one lexicon's quirk."""
+    name = "AFINN"
+
+    def __init__(self):
+        from afinn import Afinn
+        self.afinn = Afinn(language="en")
+
+    def score(self, text):
+        return self.afinn.score(text)
+
+    def label(self, text):
+        s = self.score(text)
+        return "positive" if s > 0 else "negative" if s < 0 else "neutral"
 
 
 @torch.no_grad()
@@ -83,10 +106,11 @@ def split_prompt(text, n_words):
     return " ".join(words[:n_words]), " ".join(words[n_words:])
 
 
-def continue_prompts(model, tok, prompts, weights, method, max_new_tokens, seed, progress=None, **sampling):
+def continue_prompts(model, tok, prompts, weights, method, max_new_tokens, seed, progress=None, guidance=0.0,
+                     anchor=DEFAULT_ANCHOR, **sampling):
     """One continuation per (prompt, weights row); prompts of equal token length are decoded together.
     weights: (N, n_labels) mixing weights per prompt; method None: the base model alone (weights ignored).
-    progress: a tqdm bar, moved on by each prompt decoded."""
+    progress: a tqdm bar, moved on by each prompt decoded. guidance, anchor: guidance at the logits (guidance.py)."""
     device = next(model.parameters()).device
     encoded = [[tok.eot] + tok.encode(p) for p in prompts]
     groups = defaultdict(list)
@@ -97,8 +121,9 @@ def continue_prompts(model, tok, prompts, weights, method, max_new_tokens, seed,
     for length in sorted(groups):
         rows = groups[length]
         idx = torch.tensor([encoded[i] for i in rows], device=device)
-        run, cache = (model, None) if method is None else method.apply(model, weights[rows].to(device))
-        for i, new in zip(rows, decode(run, idx, max_new_tokens, kv_cache=cache, seed=seed + length, **sampling)):
+        run, cache = (model, None) if method is None else guide(method, model, weights[rows].to(device), guidance, anchor)
+        for i, new in zip(rows, decode(run, idx, max_new_tokens, kv_cache=cache, seed=seed + length, eot=tok.eot,
+                                       **sampling)):
             outs[i] = tok.decode(new)
         if progress is not None:
             progress.update(len(rows))
@@ -129,59 +154,88 @@ def distinct(texts, n):
 
 def evaluate_prefix(model, tok, judge, examples, labels, method, n_words=3, n_samples=1, max_new_tokens=40,
                     seed=0, sweep_samples=8, alphas=(0.0, 0.25, 0.5, 0.75, 1.0), sweep_prompts=NEUTRAL_PROMPTS,
-                    progress=None, **sampling):
+                    progress=None, second=None, guidance=0.0, anchor=DEFAULT_ANCHOR, **sampling):
     """One row of the table. method None: the base model, whose 'intended' label is the held-out text's own.
-    progress: a tqdm bar over every continuation this row writes (see n_continuations)."""
-    prompts, refs, want = [], [], []
-    for e in examples:
-        prompt, rest = split_prompt(e.text, n_words)
-        for _ in range(n_samples):
-            prompts.append(prompt)
-            refs.append(rest)
-            want.append(labels.index(e.label))
-    want = torch.tensor(want)
-    flipped = (want + 1) % len(labels)  # with two labels: the other one
-    onehot = lambda y: F.one_hot(y, len(labels)).float()
-    go = lambda p, w: continue_prompts(model, tok, p, w, method, max_new_tokens, seed, progress, **sampling)
-    outs = go(prompts, onehot(want))
-    outs_flipped = outs if method is None else go(prompts, onehot(flipped))
-    intended = [judge.label(o) == labels[y] for o, y in zip(outs, want.tolist())]
-    flipped_ok = [judge.label(o) == labels[y] for o, y in zip(outs_flipped, flipped.tolist())]
-    row = {
-        "bleu": corpus_bleu(outs, [[r] for r in refs]),
-        "rouge1": mean(rouge_n(o, r, 1).fmeasure for o, r in zip(outs, refs)),
-        "rouge2": mean(rouge_n(o, r, 2).fmeasure for o, r in zip(outs, refs)),
-        "rougeL": mean(rouge_l(o, r).fmeasure for o, r in zip(outs, refs)),
-        "acc_intended": mean(intended), "acc_intended_ci": wilson(sum(intended), len(intended)),
-        "acc_flipped": mean(flipped_ok), "acc_flipped_ci": wilson(sum(flipped_ok), len(flipped_ok)),
-        # how far the prefix moves the judge toward the intended label, against the flipped prefix on the same
-        # prompt: +1 steers fully, 0 not at all (the base model, by construction)
-        "vader_gap": mean((judge.score(o) - judge.score(f)) * (1 if labels[y] == "positive" else -1)
-                          for o, f, y in zip(outs, outs_flipped, want.tolist())) if len(labels) == 2 else float("nan"),
-        "perplexity": perplexity(model, tok, prompts, outs),
-        "distinct1": distinct(outs, 1),
-        "distinct2": distinct(outs, 2),
-        "n_generations": len(outs),
-    }
-    if method is not None and method.mixes and len(labels) == 2:
-        sweep, scores = {}, {}
-        p = [q for q in sweep_prompts for _ in range(sweep_samples)]
+    progress: a tqdm bar over every continuation this row writes (see n_continuations). second: a second judge
+    for the neutral prompts' shares (AfinnJudge); guidance, anchor: guidance at the logits, every continuation."""
+    go = lambda p, w: continue_prompts(model, tok, p, w, method, max_new_tokens, seed, progress, guidance=guidance,
+                                       anchor=anchor, **sampling)
+    row = {}
+    if n_samples:  # 0: the neutral prompts only
+        prompts, refs, want = [], [], []
+        for e in examples:
+            prompt, rest = split_prompt(e.text, n_words)
+            for _ in range(n_samples):
+                prompts.append(prompt)
+                refs.append(rest)
+                want.append(labels.index(e.label))
+        want = torch.tensor(want)
+        flipped = (want + 1) % len(labels)  # with two labels: the other one
+        onehot = lambda y: F.one_hot(y, len(labels)).float()
+        outs = go(prompts, onehot(want))
+        outs_flipped = outs if method is None else go(prompts, onehot(flipped))
+        intended = [judge.label(o) == labels[y] for o, y in zip(outs, want.tolist())]
+        flipped_ok = [judge.label(o) == labels[y] for o, y in zip(outs_flipped, flipped.tolist())]
+        row = {
+            "bleu": corpus_bleu(outs, [[r] for r in refs]),
+            "rouge1": mean(rouge_n(o, r, 1).fmeasure for o, r in zip(outs, refs)),
+            "rouge2": mean(rouge_n(o, r, 2).fmeasure for o, r in zip(outs, refs)),
+            "rougeL": mean(rouge_l(o, r).fmeasure for o, r in zip(outs, refs)),
+            "acc_intended": mean(intended), "acc_intended_ci": wilson(sum(intended), len(intended)),
+            "acc_flipped": mean(flipped_ok), "acc_flipped_ci": wilson(sum(flipped_ok), len(flipped_ok)),
+            # how far the prefix moves the judge toward the intended label, against the flipped prefix on the same
+            # prompt: +1 steers fully, 0 not at all (the base model, by construction)
+            "vader_gap": mean((judge.score(o) - judge.score(f)) * (1 if labels[y] == "positive" else -1)
+                              for o, f, y in zip(outs, outs_flipped, want.tolist())) if len(labels) == 2 else float("nan"),
+            "perplexity": perplexity(model, tok, prompts, outs),
+            "distinct1": distinct(outs, 1),
+            "distinct2": distinct(outs, 2),
+            "n_generations": len(outs),
+            "samples": [{"prompt": q, "intended": labels[y], "text": o, "flipped": f}
+                        for q, y, o, f in list(zip(prompts, want.tolist(), outs, outs_flipped))[:6]],
+        }
+    judges = [judge] + ([second] if second is not None else [])
+    p = [q for q in sweep_prompts for _ in range(sweep_samples)]
+    if method is None:  # the bare model's own samples from the neutral prompts: what the dial's ends are held to
+        own = go(p, None)
+        row["neutral"] = from_neutral(model, tok, judges, p, own, own)
+    elif method.mixes and len(labels) == 2:
+        sweep, scores, texts = {}, {}, {}
         for a in alphas:
             w = label_weights(2, alpha=a).repeat(len(p), 1)
-            scores[a] = [judge.score(o) for o in go(p, w)]
+            texts[a] = go(p, w)
+            scores[a] = [judge.score(o) for o in texts[a]]
             sweep[a] = mean(scores[a])
         row["alpha_sweep"] = sweep
         row["alpha_sweep_ci"] = {a: mean_interval(scores[a]) for a in alphas}
         row.update(dial(scores))
-    row["samples"] = [{"prompt": p, "intended": labels[y], "text": o, "flipped": f}
-                      for p, y, o, f in list(zip(prompts, want.tolist(), outs, outs_flipped))[:6]]
+        if min(alphas) == 0.0 and max(alphas) == 1.0:
+            row["neutral"] = from_neutral(model, tok, judges, p, texts[1.0], texts[0.0])
     return row
+
+
+def from_neutral(model, tok, judges, prompts, at_1, at_0):
+    """The dial's ends as controlled-generation papers report them, from neutral prompts: per judge, the share of
+    the alpha-1 continuations (at_1) judged positive and of the alpha-0 ones (at_0) judged negative, with Wilson
+    95% intervals; the perplexity of both ends' continuations under the bare model (model: no prefix); distinct-2
+    and distinct-3 over both. For the bare model itself at_1 and at_0 are its own samples."""
+    out = {"n": len(at_1)}
+    for j in judges:
+        pos = [j.label(o) == "positive" for o in at_1]
+        neg = [j.label(o) == "negative" for o in at_0]
+        out[j.name] = {"positive": mean(pos), "positive_ci": wilson(sum(pos), len(pos)),
+                       "negative": mean(neg), "negative_ci": wilson(sum(neg), len(neg))}
+    same = at_1 is at_0
+    both = at_1 if same else at_1 + at_0
+    out["perplexity"] = perplexity(model, tok, prompts if same else prompts + prompts, both)
+    out["distinct2"], out["distinct3"] = distinct(both, 2), distinct(both, 3)
+    return out
 
 
 def n_continuations(method, n_examples, n_samples, sweep_samples, n_alphas, n_sweep_prompts):
     """How many continuations evaluate_prefix writes: the progress bar's total."""
     if method is None:
-        return n_examples * n_samples
+        return n_examples * n_samples + n_sweep_prompts * sweep_samples
     sweep = n_alphas * n_sweep_prompts * sweep_samples if method.mixes and method.n_labels == 2 else 0
     return 2 * n_examples * n_samples + sweep
 

@@ -45,8 +45,8 @@ from minprefix.generate import (KEEP, Window, beam_settings, check_lengths, chec
                                 decode, replace_prefix)
 from minprefix.generate import sample as reference_sample
 from minprefix.gpt2 import CausalSelfAttention, KVCache
+from minprefix.guidance import Guided
 from minprefix.prefix import PrefixMLP
-from minprefix.tokenizer import EOT
 
 
 def enabled():
@@ -330,19 +330,21 @@ class HalfPrefixMLP(PrefixMLP):
 # ---- the loss (replaces trainer.lm_loss) ----
 
 class LMHeadLoss(torch.autograd.Function):
-    """cross_entropy(h @ wte.T, targets), targets of -100 ignored, without ever holding the (N, V) logits.
+    """cross_entropy(h @ wte.T, targets, reduction="none"), targets of -100 ignored (their loss 0), without ever
+    holding the (N, V) logits.
 
     One pass over the vocabulary in chunks keeps, per row, a running max m, s = sum_v exp(logit_v - m) and
     acc = sum_v exp(logit_v - m) * wte_v, rescaling all three when m grows (the online softmax of flash
-    attention). Then log sum_v exp(logit_v) = m + log s, and the gradient is there already:
-        d loss / d h   = (softmax @ wte - wte_y) / n = (acc / s - wte_y) / n
+    attention). Then log sum_v exp(logit_v) = m + log s, and the gradient is there already: for a row's loss l_i
+    with upstream gradient g_i (1/n for the mean, other weights in the contrastive loss)
+        d l_i / d h_i  = softmax_i @ wte - wte_y = acc / s - wte_y
     Only when wte itself is trained (fine-tuning) does backward take a second pass, for
-        d loss / d wte = (softmax^T @ h - onehot_y^T @ h) / n
+        d loss / d wte = sum_i g_i (softmax_i - onehot_y)^T h_i
     On a CPU 16 chunks stay in cache; on a GPU one chunk (16 would be 16 rounds of small kernels). Padding
     never enters the products."""
 
     @staticmethod
-    def forward(ctx, h, wte, targets):  # h (N, C), wte (V, C), targets (N,) -> scalar
+    def forward(ctx, h, wte, targets):  # h (N, C), wte (V, C), targets (N,) -> losses (N,), float32
         V = wte.size(0)
         bad = (targets != -100) & ((targets < 0) | (targets >= V))
         if bad.any():  # F.cross_entropy refuses these too; indexing wte with them would read a wrong row
@@ -351,22 +353,25 @@ class LMHeadLoss(torch.autograd.Function):
         h_kept, y = h[keep].float(), targets[keep]  # (n, C), (n,)
         lse, softmax_wte = _online_softmax(h_kept, wte, ctx.needs_input_grad[0])
         wte_y = wte[y].float()
-        dh_kept = None if softmax_wte is None else softmax_wte - wte_y  # n times d loss / d h
+        dh_kept = None if softmax_wte is None else softmax_wte - wte_y  # d loss_i / d h_i
         ctx.save_for_backward(h, wte, keep, y, lse, dh_kept)
-        return (lse[:, 0] - (h_kept * wte_y).sum(dim=-1)).mean()  # mean of -log softmax_y
+        out = torch.zeros(targets.shape, device=h.device)
+        out[keep] = lse[:, 0] - (h_kept * wte_y).sum(dim=-1)  # -log softmax_y
+        return out
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad):  # grad (N,): each row's upstream gradient
         h, wte, keep, y, lse, dh_kept = ctx.saved_tensors
-        scale = grad / y.numel()
+        g = grad[keep][:, None].float()  # (n, 1)
         dh = dwte = None
         if ctx.needs_input_grad[0]:
             dh = torch.zeros_like(h)
-            dh[keep] = (dh_kept * scale).to(h.dtype)
+            dh[keep] = (dh_kept * g).to(h.dtype)
         if ctx.needs_input_grad[1]:
             h_kept = h[keep].float()
-            parts = [(h_kept @ w.float().t() - lse).exp_().t() @ h_kept for w in wte.chunk(_chunks(h))]  # softmax^T h
-            dwte = (torch.cat(parts).index_add_(0, y, h_kept, alpha=-1.0) * scale).to(wte.dtype)
+            gh = h_kept * g
+            parts = [(h_kept @ w.float().t() - lse).exp_().t() @ gh for w in wte.chunk(_chunks(h))]  # softmax^T (g h)
+            dwte = torch.cat(parts).index_add_(0, y, gh, alpha=-1.0).to(wte.dtype)
         return dh, dwte, None
 
 
@@ -411,28 +416,22 @@ def _chunks(h):
 def lm_loss(model, idx, targets, kv_cache=None):
     """Replaces trainer.lm_loss: the same mean cross-entropy of targets (-100 ignored) given the cache."""
     h = model.hidden(model.wte(idx), kv_cache)  # (B, T, C)
-    return LMHeadLoss.apply(h.flatten(0, 1), model.lm_head.weight, targets.flatten())
+    flat = targets.flatten()
+    return LMHeadLoss.apply(h.flatten(0, 1), model.lm_head.weight, flat).sum() / (flat != -100).sum()
 
 
-@torch.no_grad()
 def token_nll(model, idx, targets, kv_cache=None):
     """Replaces trainer.token_nll: the same per-token losses (B, T), 0 where the target is -100, without the
-    (B, T, V) logits (the held-out pass scores every text under every label)."""
-    h = model.hidden(model.wte(idx), kv_cache).flatten(0, 1)  # (B*T, C)
-    flat = targets.flatten()
-    keep = (flat != -100).nonzero()[:, 0]
-    h_kept, wte = h[keep].float(), model.lm_head.weight
-    lse, _ = _online_softmax(h_kept, wte, False)
-    out = torch.zeros(flat.shape, device=h.device)
-    out[keep] = lse[:, 0] - (h_kept * wte[flat[keep]].float()).sum(dim=-1)
-    return out.view_as(targets)
+    (B, T, V) logits (the held-out pass scores every text under every label; the contrastive loss trains on them)."""
+    h = model.hidden(model.wte(idx), kv_cache)  # (B, T, C)
+    return LMHeadLoss.apply(h.flatten(0, 1), model.lm_head.weight, targets.flatten()).view_as(targets)
 
 
 # ---- decoding (replaces generate.stream) ----
 
 @torch.no_grad()
 def stream(model, idx, max_new_tokens=50, kv_cache=None, real=None, temperature=1.0, top_k=None, top_p=None,
-           eot=EOT, seed=None, cuda_graph=None, min_new_tokens=0, tone=None, keep=KEEP):
+           *, eot, seed=None, cuda_graph=None, min_new_tokens=0, tone=None, keep=KEEP):
     """generate.stream with two pieces replaced: the prompt's logits only at its last position (the reference
     computes all T, and on a CPU the lm_head is most of a prompt's cost), and each later step through a
     StaticKVCache, replayed as one CUDA graph on a GPU (cuda_graph: default on a GPU). The same Window past the
@@ -445,23 +444,24 @@ def stream(model, idx, max_new_tokens=50, kv_cache=None, real=None, temperature=
         return
     graph = idx.is_cuda if cuda_graph is None else cuda_graph
     window = Window(model, prefix, idx, real, keep)
-    logits, steps = encode(model, prefix, idx, real, min(max_new_tokens - 1, window.left()), graph)
+    guided, rows = unwrap(model)  # guidance: its rows decoded here, in one batch
+    logits, steps = encode(guided, rows, prefix, idx, real, min(max_new_tokens - 1, window.left()), graph)
     written = 0
 
     def step(x):  # as generate.stream's step
-        nonlocal model, prefix, logits, steps, written
+        nonlocal guided, rows, prefix, steps, written
         written += 1
         change = tone(written) if tone is not None else None
         if change is not None:
-            model, new = change
-            prefix = KVCache() if new is None else new.boosted(prefix.boost)
-            steps.retone(model, prefix)
+            guided, rows = unwrap(change[0])
+            prefix = KVCache() if change[1] is None else change[1].boosted(prefix.boost)
+            steps.retone(rows, prefix)
         tail = window.push(x)
         if tail is None:
-            return steps(x)
+            return steps(x) if guided is None else guided.combine(steps(guided.expand(x)))
         tail_idx, tail_real = tail  # the context is full: a new static cache from the prefix and the text's last part
-        logits, steps = encode(model, prefix, tail_idx, tail_real, min(max_new_tokens - 1 - written, window.left()),
-                               graph)
+        logits, steps = encode(guided, rows, prefix, tail_idx, tail_real,
+                               min(max_new_tokens - 1 - written, window.left()), graph)
         return logits
 
     yield from decode(logits, step, max_new_tokens, temperature, top_k, top_p, eot, seed, min_new_tokens, sample)
@@ -494,12 +494,18 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     return torch.multinomial(probs.masked_fill(~keep, 0.0), 1, generator=generator)
 
 
-def encode(model, prefix, idx, real, n, graph):
+def unwrap(model):  # -> (the guidance.Guided wrapper or None, the model whose rows are decoded)
+    return (model, model.model) if isinstance(model, Guided) else (None, model)
+
+
+def encode(guided, model, prefix, idx, real, n, graph):
     """The prompt (or a window's last part) after the prefix -> (its last position's logits (B, V), Steps: up to n
-    tokens fed one at a time)."""
+    tokens fed one at a time). guided: the rows of guidance's wrapper, expanded here and combined into B."""
+    if guided is not None:
+        idx, real = guided.expand(idx), None if real is None else guided.expand(real)
     cache = prefix.copy()
-    logits = model.lm_head(model.hidden(model.wte(idx), cache, real)[:, -1])  # (B, V)
-    return logits, Steps(model, cache, n, graph, idx.is_cuda)
+    logits = model.lm_head(model.hidden(model.wte(idx), cache, real)[:, -1])  # (rows, V)
+    return logits if guided is None else guided.combine(logits), Steps(model, cache, n, graph, idx.is_cuda)
 
 
 class Steps:
@@ -529,18 +535,17 @@ class Steps:
             self.replay = self.static.graph_step(model, capture=self.cuda)
 
 
-def generate(model, idx, max_new_tokens=50, num_beams=1, **kw):
+def generate(model, idx, max_new_tokens=50, num_beams=1, *, eot, **kw):
     """generate.generate through the fast stream(); num_beams > 1: the fast beam_search."""
     if num_beams > 1:
-        return beam_search(model, idx, num_beams, max_new_tokens, **beam_settings(num_beams, kw))
-    return collect(stream(model, idx, max_new_tokens, **kw), idx.size(0), kw.get("eot", EOT))
+        return beam_search(model, idx, num_beams, max_new_tokens, eot=eot, **beam_settings(num_beams, kw))
+    return collect(stream(model, idx, max_new_tokens, eot=eot, **kw), idx.size(0), eot)
 
 
-def beam_search(model, idx, num_beams=5, max_new_tokens=100, **kw):
+def beam_search(model, idx, num_beams=5, max_new_tokens=100, *, eot, **kw):
     """beam.beam_search with its two pieces replaced (StaticSteps, best_pairs). Same hypotheses."""
     from minprefix.beam import hypotheses
-    eot = kw.get("eot", EOT)
-    found = hypotheses(model, idx, num_beams, max_new_tokens, steps=StaticSteps, pairs=best_pairs, **kw)
+    found = hypotheses(model, idx, num_beams, max_new_tokens, eot=eot, steps=StaticSteps, pairs=best_pairs, **kw)
     return [row[:-1] if row[-1:] == [eot] else row for row in (hyps[0][1] for hyps in found)]
 
 

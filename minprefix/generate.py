@@ -10,7 +10,6 @@ can change between tokens (stream's tone, minprefix/tone.py). docs/long.md says 
 import torch
 
 from minprefix.gpt2 import KVCache
-from minprefix.tokenizer import EOT
 
 
 def check_sampling(temperature=1.0, top_k=None, top_p=None):
@@ -43,8 +42,8 @@ def check_prompt(model, cache, idx, real):
     cached = cache.length if cache.real is None else int(cache.real.sum(1).max())
     new = idx.size(1) if real is None else int(real.sum(1).max())
     if idx.size(1) == 0 or (real is not None and not bool(real.any(1).all())):
-        raise ValueError("a prompt has no tokens: every row needs at least one (a text starts with <|endoftext|>, "
-                         f"token {EOT}, which is what sample.py gives an empty prompt)")
+        raise ValueError("a prompt has no tokens: every row needs at least one (a text starts with the end-of-text "
+                         "token, <|endoftext|> in GPT-2, which is what sample.py gives an empty prompt)")
     if cached + new > model.config.n_positions:  # the prompt alone does not fit: refuse, as the model would
         raise ValueError(f"{cached} cached + {new} new positions exceed the context of {model.config.n_positions}")
     return cached, new
@@ -99,12 +98,11 @@ class Window:
         return self.idx, self.real
 
 
-def decode(logits, step, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eot=EOT, seed=None,
-           min_new_tokens=0, pick=sample):
+def decode(logits, step, max_new_tokens, temperature, top_k, top_p, eot, seed=None, min_new_tokens=0, pick=sample):
     """The sampling loop. logits (B, V): the next token's; step: tokens (B, 1) -> the next logits (B, V).
-    Yields (B, 1) tokens; a row that has written eot writes eot from then on; ends when every row has.
-    min_new_tokens: eot is held back (its logit -inf) until that many tokens are written. pick: sample, or a
-    function that draws the same tokens (fast.sample)."""
+    Yields (B, 1) tokens; a row that has written eot writes eot from then on; ends when every row has (eot None:
+    never, every row runs to max_new_tokens). min_new_tokens: eot is held back (its logit -inf) until that many
+    tokens are written. pick: sample, or a function that draws the same tokens (fast.sample)."""
     generator = torch.Generator(device=logits.device).manual_seed(seed) if seed is not None else None
     done = torch.zeros(logits.size(0), dtype=torch.bool, device=logits.device)
     for i in range(max_new_tokens):
@@ -139,12 +137,13 @@ def replace_prefix(cache, prefix):
 
 @torch.no_grad()
 def stream(model, idx, max_new_tokens=50, kv_cache=None, real=None, temperature=1.0, top_k=None, top_p=None,
-           eot=EOT, seed=None, min_new_tokens=0, tone=None, keep=KEEP):
+           *, eot, seed=None, min_new_tokens=0, tone=None, keep=KEEP):
     """Yields the new tokens, (B, 1) at a time. idx (B, T) prompt tokens, padded on the left where real (B, T) is
     False. kv_cache: where the text starts, e.g. a prefix (`prefix.cache(model, weights)`, one row per row of
-    idx); it is left as it was. temperature 0 is greedy. Past the context's end the text goes on (Window: keep
-    is the share of the window kept). min_new_tokens: no <|endoftext|> before that many tokens. tone: the mix on
-    a schedule (minprefix/tone.py), token number j -> None, or (model, prefix cache) to write token j with."""
+    idx); it is left as it was. temperature 0 is greedy. eot: the model's end-of-text id (Tokenizer.eot), where a
+    row stops; None: no row stops before max_new_tokens. Past the context's end the text goes on (Window: keep is
+    the share of the window kept). min_new_tokens: no eot before that many tokens. tone: the mix on a schedule
+    (minprefix/tone.py), token number j -> None, or (model, prefix cache) to write token j with."""
     check_sampling(temperature, top_k, top_p)
     check_lengths(max_new_tokens, min_new_tokens)
     prefix = KVCache() if kv_cache is None else kv_cache
@@ -174,13 +173,14 @@ def stream(model, idx, max_new_tokens=50, kv_cache=None, real=None, temperature=
     yield from decode(logits, step, max_new_tokens, temperature, top_k, top_p, eot, seed, min_new_tokens)
 
 
-def generate(model, idx, max_new_tokens=50, num_beams=1, **kw):
-    """-> B lists of new tokens, each cut before its first <|endoftext|>. Arguments as stream's; with num_beams > 1
-    beam search instead of sampling (minprefix/beam.py: min_new_tokens, banned, length_penalty, as HF's)."""
+def generate(model, idx, max_new_tokens=50, num_beams=1, *, eot, **kw):
+    """-> B lists of new tokens, each cut before its first eot (the model's end-of-text id: Tokenizer.eot).
+    Arguments as stream's; with num_beams > 1 beam search instead of sampling (minprefix/beam.py: min_new_tokens,
+    banned, length_penalty, as HF's)."""
     if num_beams > 1:
         from minprefix.beam import beam_search  # beam.py builds on this file
-        return beam_search(model, idx, num_beams, max_new_tokens, **beam_settings(num_beams, kw))
-    return collect(stream(model, idx, max_new_tokens, **kw), idx.size(0), kw.get("eot", EOT))
+        return beam_search(model, idx, num_beams, max_new_tokens, eot=eot, **beam_settings(num_beams, kw))
+    return collect(stream(model, idx, max_new_tokens, eot=eot, **kw), idx.size(0), eot)
 
 
 def beam_settings(num_beams, kw):
@@ -192,14 +192,15 @@ def beam_settings(num_beams, kw):
     return {k: v for k, v in kw.items() if k not in ("temperature", "top_k", "top_p", "seed")}
 
 
-def collect(steps, B, eot=EOT):  # stream's (B, 1) tokens -> B lists, each cut before its first eot
+def collect(steps, B, eot):  # stream's (B, 1) tokens -> B lists, each cut before its first eot
     steps = list(steps)
     rows = torch.cat(steps, dim=1).tolist() if steps else [[] for _ in range(B)]
     return [row[:row.index(eot)] if eot in row else row for row in rows]
 
 
-def pad_left(prompts, pad=EOT, device=None):
-    """Token lists of different lengths -> idx (B, T) padded on the left, real (B, T) False at the padding."""
+def pad_left(prompts, pad, device=None):
+    """Token lists of different lengths -> idx (B, T) padded on the left with `pad` (any id of the model's
+    vocabulary: callers give Tokenizer.eot), real (B, T) False at the padding."""
     T = max(len(p) for p in prompts)
     idx = torch.tensor([[pad] * (T - len(p)) + list(p) for p in prompts], dtype=torch.long, device=device)
     real = torch.tensor([[False] * (T - len(p)) + [True] * len(p) for p in prompts], dtype=torch.bool, device=device)

@@ -1,14 +1,16 @@
 """Finding GPT-2 checkpoints (hub cache, hub download, local folder) and reading them into GPT-2's bare names."""
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
-from huggingface_hub import constants, hf_hub_download
-from huggingface_hub.errors import LocalEntryNotFoundError
+from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 from safetensors import safe_open
 
 HUB_REPOS = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # a hub repository: owner/name
 
 
 def read_checkpoint(name_or_path, cache_dir=None):
@@ -31,28 +33,55 @@ def read_config(name_or_path, cache_dir=None):
     return json.loads(Path(_hub_file(repo, "config.json", cache_dir)).read_text())
 
 
-def _locate(name_or_path):  # -> (a local folder, None) or (None, the hub repository of a known name)
+def _locate(name_or_path):  # -> (a local folder, None) or (None, a hub repository)
     folder = Path(os.path.expanduser(str(name_or_path)))
     if folder.is_dir():
         return folder, None
     name = str(name_or_path)
     repo = HUB_REPOS.get(name) or (name if name in HUB_REPOS.values() else None)
+    if repo is None and REPO_ID.fullmatch(name) and not folder.parent.is_dir():  # owner/name, no local folder
+        repo = name
     if repo is None:
         if os.sep in name or name.startswith((".", "~")):
             raise FileNotFoundError(f"no folder at {name}: pass a folder holding config.json and model.safetensors")
-        raise ValueError(f"unknown model name {name!r}: the known names are {', '.join(HUB_REPOS)} "
-                         f"(or pass a local folder holding config.json and model.safetensors)")
+        raise ValueError(f"unknown model name {name!r}: the known names are {', '.join(HUB_REPOS)}; or give a hub "
+                         f"repository (owner/name) or a local folder holding config.json and model.safetensors")
     return None, repo
 
 
+def model_files(name_or_path, names, cache_dir=None, download=True):
+    """-> ({file name: path} of those of `names` the model has, where they are, its hub repository or None for a
+    folder). A folder: the files in it. A hub repository: each file from the hub cache, else (download) from the hub
+    until it proves unreachable (then those not cached are left out)."""
+    folder, repo = _locate(name_or_path)
+    if folder is not None:
+        return {n: str(folder / n) for n in names if (folder / n).is_file()}, str(folder), None
+    found, online = {}, True
+    for name in names:
+        cached = try_to_load_from_cache(repo, name, cache_dir=cache_dir)
+        if isinstance(cached, str):
+            found[name] = cached
+        elif cached is None and online and download:  # not known in the cache either way: ask the hub
+            try:
+                found[name] = hf_hub_download(repo, name, cache_dir=cache_dir)
+            except LocalEntryNotFoundError:  # no network, or HF_HUB_OFFLINE: stop asking
+                online = False
+            except EntryNotFoundError:  # the repository has no such file
+                pass
+    return found, repo, repo
+
+
 def _hub_file(repo, filename, cache_dir):
-    try:  # the cache first: official GPT-2 files never change, and this works offline
+    try:  # the cache first: this works offline
         return hf_hub_download(repo, filename, cache_dir=cache_dir, local_files_only=True)
     except LocalEntryNotFoundError:
         pass
     try:
         return hf_hub_download(repo, filename, cache_dir=cache_dir)
     except Exception as e:  # offline mode, no network, hub down: all end the same way for the user
+        if isinstance(e, EntryNotFoundError) and not isinstance(e, LocalEntryNotFoundError):  # the hub answered
+            raise FileNotFoundError(f"{repo} has no {filename} on the hub: minprefix reads config.json and "
+                                    f"model.safetensors (GPT-2's layout)") from e
         cache = cache_dir or constants.HF_HUB_CACHE
         raise OSError(
             f"cannot load {repo}: the Hugging Face hub is unreachable from here ({type(e).__name__}) and "

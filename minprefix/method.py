@@ -11,6 +11,8 @@ one they hold:
              adapted weight                     (minprefix/lora.py)
   finetune   every GPT-2 weight, no prefix      not mixed: one model              a model folder in      (a whole model,
                                                                                   the hub's layout       not an adapter)
+  base       nothing: a model folder used as    not mixed: one model              (any GPT-2-layout      -
+             it is, the baseline                                                  folder)
 
 Each is an nn.Module whose parameters are what is trained, and says:
   kind, peft_type, n_labels
@@ -22,6 +24,7 @@ and read_meta(path) / load(path, model) read any checkpoint back.
 """
 import json
 import os
+import shutil
 
 import torch
 import torch.nn as nn
@@ -35,18 +38,29 @@ LATEST = "weights/latest"  # the path of the checkpoint train.py wrote last: sam
 
 
 class FineTune(nn.Module):
-    """Fine-tuning, the paper's baseline: every weight of the model trained, no prefix, one model for all labels."""
+    """Fine-tuning, the paper's baseline: every weight of the model trained, no prefix, one model for all labels.
+    tokenizer: the model's (minprefix.Tokenizer), whose files and end-of-text id the saved folder gets."""
     kind, peft_type, steers, mixes = "finetune", None, False, False
 
-    def __init__(self, model, n_labels=1):
+    def __init__(self, model, n_labels=1, tokenizer=None):
         super().__init__()
         self.model, self.n_labels = model, n_labels  # its parameters are the model's: what the trainer trains
+        self.tokenizer = tokenizer
 
     def apply(self, model, weights):
         return model, None
 
     def save(self, path, model, labels, info=None):
-        save_model(path, model, dict(info or {}, labels=list(labels)))
+        save_model(path, model, dict(info or {}, labels=list(labels)), self.tokenizer)
+
+
+class Base(FineTune):
+    """A model folder that train.py did not write, used as it is: no prefix, nothing trained, the baseline that
+    steering is compared against. Nothing to save."""
+    kind = "base"
+
+    def save(self, path, model, labels, info=None):
+        raise ValueError("a base model is used as it is: there is nothing trained to save")
 
 
 def build(mode, model, labels, tokenizer, prefix_len=10, mlp=False, lora_rank=4, lora_alpha=32,
@@ -60,7 +74,7 @@ def build(mode, model, labels, tokenizer, prefix_len=10, mlp=False, lora_rank=4,
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
     if mode == "finetune":
-        return FineTune(model, len(labels))
+        return FineTune(model, len(labels), tokenizer)
     if mode == "lora":
         method = LoRA(model.config, len(labels), lora_rank, lora_alpha, lora_targets)
     else:
@@ -83,16 +97,16 @@ def build(mode, model, labels, tokenizer, prefix_len=10, mlp=False, lora_rank=4,
 
 def read_meta(path):
     """What a checkpoint says of itself, without a model: {"mode", "labels", "base_model", "info", ...}.
-    A .safetensors file is a prefix or a LoRA; a folder is a fine-tuned model (its base model is itself)."""
+    A .safetensors file is a prefix or a LoRA; a folder is a fine-tuned model (its base model is itself), or, if
+    train.py did not write it, a model to use as it is (mode "base")."""
     path = str(path)
     if os.path.isdir(path):
         config_file = os.path.join(path, "config.json")
         if not os.path.isfile(config_file):
-            raise FileNotFoundError(f"{path} has no config.json: not a fine-tuned model folder")
+            raise FileNotFoundError(f"{path} has no config.json: not a model folder")
         info = json.loads(open(config_file).read()).get("minprefix")
-        if info is None:
-            raise ValueError(f"{path} is a model folder, but not one train.py --mode finetune wrote (its config.json "
-                             f"has no 'minprefix' section): pass it as --model to use it as the base model")
+        if info is None:  # any GPT-2-layout folder: the model alone
+            return {"mode": "base", "labels": ["text"], "base_model": os.path.abspath(path), "info": {}}
         return {"mode": "finetune", "labels": info.get("labels", ["task"]), "base_model": os.path.abspath(path),
                 "info": info, "fine_tuned_from": info.get("fine_tuned_from")}
     from safetensors import SafetensorError, safe_open
@@ -111,7 +125,9 @@ def read_meta(path):
 def load(path, model):
     """-> (method, metadata), checked against `model` (for a fine-tuned folder: the model loaded from it)."""
     meta = read_meta(path)
-    if meta["mode"] == "finetune":
+    if meta["mode"] == "base":
+        method = Base(model, 1)
+    elif meta["mode"] == "finetune":
         method = FineTune(model, 1)
     elif meta["mode"] == "lora":
         method, meta = load_lora(path, model)
@@ -139,6 +155,8 @@ def latest(default):
 def describe(meta):
     """A row name for tables: what the checkpoint is."""
     mode = meta["mode"]
+    if mode == "base":
+        return "base model, no prefix"
     if mode == "finetune":
         return "fine-tuning (every weight)"
     if mode == "lora":
@@ -150,10 +168,12 @@ def describe(meta):
     return f"K/V prefix{' + MLP' if mlp else ''}, P={meta['prefix_len']}"
 
 
-def save_model(folder, model, info=None):
+def save_model(folder, model, info=None, tokenizer=None):
     """A fine-tuned GPT-2 in the hub's layout (config.json + model.safetensors, Conv1D weights as (in, out)), so
     that GPT2.from_pretrained, and HF transformers, load it. What minprefix needs to use it again (the data's
-    kind, its labels, how it was trained) goes in config.json's "minprefix" section."""
+    kind, its labels, how it was trained) goes in config.json's "minprefix" section. tokenizer: the model's; its
+    files are copied beside the weights and its end-of-text id is the folder's bos and eos token (minprefix starts
+    and ends every text with it). Without one the folder has no tokenizer files: GPT-2's BPE reads it."""
     from safetensors.torch import save_file
     c = model.config
     tensors = {}
@@ -165,9 +185,13 @@ def save_model(folder, model, info=None):
     config = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "activation_function": "gelu_new",
               "n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd, "vocab_size": c.vocab_size,
               "n_positions": c.n_positions, "n_ctx": c.n_positions, "layer_norm_epsilon": c.layer_norm_epsilon,
-              "bos_token_id": 50256, "eos_token_id": 50256, "tie_word_embeddings": True,
-              "minprefix": {"fine_tuned_from": model.name_or_path, **(info or {})}}
+              "tie_word_embeddings": True, "minprefix": {"fine_tuned_from": model.name_or_path, **(info or {})}}
+    if tokenizer is not None:
+        config.update(bos_token_id=tokenizer.eot, eos_token_id=tokenizer.eot)
     os.makedirs(folder, exist_ok=True)
+    for name, source in (tokenizer.files if tokenizer is not None else {}).items():
+        with atomic_path(os.path.join(folder, name)) as tmp:
+            shutil.copyfile(source, tmp)
     with atomic_path(os.path.join(folder, "model.safetensors")) as tmp:
         save_file(tensors, tmp, metadata={"format": "pt"})
     with atomic_path(os.path.join(folder, "config.json")) as tmp:

@@ -75,7 +75,11 @@ def check_folder_name(label):
 def export_adapters(ckpt, out_dir, base_model=None):
     """-> the adapter folders written, OUT_DIR/<label>/ in the checkpoint's label order. base_model: what the
     adapters' base_model_name_or_path says (default: the base model recorded in the checkpoint)."""
-    if read_meta(ckpt)["mode"] == "lora":
+    mode = read_meta(ckpt)["mode"]
+    if mode in ("finetune", "base"):
+        raise ValueError(f"{ckpt} is a model folder ({'fine-tuned' if mode == 'finetune' else 'a model as it is'}), "
+                         f"not an adapter: PEFT adapters come from prefix and LoRA checkpoints")
+    if mode == "lora":
         return export_lora(ckpt, out_dir, base_model)
     prefix, meta = load_prefix(ckpt)
     labels = [check_folder_name(label) for label in meta["labels"]]

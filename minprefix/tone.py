@@ -9,11 +9,14 @@ point's value before it and at the last one's after it. The mix changes between 
 text again: a method's apply(model, weights) at the new weights gives the model to run and the cache the text
 starts from, and generate.stream swaps in the model (LoRA) and writes the new prefix over the cache's first P
 positions (a K/V prefix's P positions are the mix itself; a soft prompt's are its mixed vectors run through the
-model). The text's own keys and values stay as they were written, under the mix of their time. A new mix is
+model; with guidance, the labels' weights in the logits move too). The text's own keys and values stay as they
+were written, under the mix of their time. A new mix is
 applied whenever alpha has moved by ALPHA_STEP since the last one, and at the schedule's end: at most 101 times on
 a ramp from 0 to 1, each costing one apply() (a merge of LoRA's weights; an einsum for a K/V prefix).
 """
 import torch
+
+from minprefix.guidance import DEFAULT_ANCHOR, guide
 
 ALPHA_STEP = 0.01
 
@@ -95,11 +98,14 @@ def alpha_weights(labels, alpha):
 
 class Tone:
     """A schedule applied through a method's one face, for generate.stream's tone: token number j -> None (the mix
-    stays), or (the model to run, the prefix cache or None) at alpha(j). rows: the batch's rows, one mix for all."""
+    stays), or (the model to run, the prefix cache or None) at alpha(j). rows: the batch's rows, one mix for all.
+    guidance, anchor: guidance at the logits (minprefix/guidance.py: guide() is method.apply at strength 0), whose
+    labels' weights then move with alpha too."""
 
-    def __init__(self, method, model, labels, schedule, rows, step=ALPHA_STEP):
+    def __init__(self, method, model, labels, schedule, rows, guidance=0.0, anchor=DEFAULT_ANCHOR, step=ALPHA_STEP):
         self.method, self.model, self.labels, self.schedule, self.rows, self.step = \
             method, model, labels, schedule, rows, step
+        self.guidance, self.anchor = guidance, anchor
         self.applied = None
         self.changes = 0  # how many new mixes were applied after the first
 
@@ -110,7 +116,7 @@ class Tone:
     def apply(self, alpha):
         self.applied = alpha
         weights = alpha_weights(self.labels, alpha).to(self.model.device).repeat(self.rows, 1)
-        return self.method.apply(self.model, weights)
+        return guide(self.method, self.model, weights, self.guidance, self.anchor)
 
     def __call__(self, j):
         alpha = self.schedule.at(j)

@@ -27,19 +27,42 @@ from minprefix.files import atomic_path
 def lm_loss(model, idx, targets, kv_cache=None):
     """The reference loss: mean cross-entropy of the next tokens (targets of -100, padding and context, are ignored)."""
     logits = model(idx, kv_cache)  # (B, T, V)
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+    return F.cross_entropy(at_least_float32(logits).flatten(0, 1), targets.flatten(), ignore_index=-100)
 
 
 def token_nll(model, idx, targets, kv_cache=None):
     """The reference per-token loss: -log p(target) at each position (B, T), 0 where the target is -100."""
     logits = model(idx, kv_cache)  # (B, T, V)
-    return F.cross_entropy(logits.transpose(1, 2).float(), targets, ignore_index=-100, reduction="none")
+    return F.cross_entropy(at_least_float32(logits).transpose(1, 2), targets, ignore_index=-100, reduction="none")
+
+
+def at_least_float32(x):  # half precision's logits to float32 for the softmax; float64 stays float64
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def batch_loss(model, method, idx, targets, labels, loss=lm_loss):
     """Each text's loss given its own label: the method applied with that label alone (a one-hot mix)."""
     run, cache = method.apply(model, F.one_hot(labels, method.n_labels).float())
     return loss(run, idx, targets, cache)
+
+
+def contrastive_loss(model, method, idx, targets, labels, weight, nll=token_nll):
+    """The LM loss plus `weight` times a contrastive term (Qian et al., ACL Findings 2022, "Controllable Natural
+    Language Generation with Contrastive Prefixes"): every text is scored under every label's prefix, in one batch
+    of n_labels * B rows, and asked to be likelier under its own label's than under the others':
+
+        s_k    = (1 / n_tokens) sum_t log p(x_t | x_<t, prefix_k)            each text's mean log-likelihood, (B, n)
+        loss   = LM loss under the own label + weight * cross_entropy(s, label)
+
+    The LM loss is batch_loss's (the same own-label rows); s is what the held-out steering measure compares."""
+    B, n = idx.size(0), method.n_labels
+    every = torch.arange(n, device=idx.device).repeat_interleave(B)  # (n*B,): rows k*B .. k*B+B-1 under label k
+    run, cache = method.apply(model, F.one_hot(every, n).float())
+    per_text = nll(run, idx.repeat(n, 1), targets.repeat(n, 1), cache).sum(1).view(n, B)  # summed losses (n, B)
+    count = (targets != -100).sum(1)  # (B,) target tokens per text
+    lm = per_text.gather(0, labels[None]).sum() / count.sum()  # mean over the batch's tokens, own label: lm_loss's
+    s = -(per_text / count).t()  # (B, n): mean log-likelihood per token of each text under each label
+    return lm + weight * F.cross_entropy(s, labels)
 
 
 @torch.no_grad()
@@ -132,23 +155,29 @@ def schedule(step, total, warmup=0):
 
 def train(model, method, train_items, val_items, labels, out, epochs=5, batch_size=2, lr=5e-5, seed=0,
           device="cpu", info=None, keep="best", resume=False, group_by_length=False, run=None, weight_decay=0.0,
-          warmup=0, keep_state=False, max_steps=None, eval_every=None, log=tqdm.write):
+          warmup=0, keep_state=False, max_steps=None, eval_every=None, contrastive=0.0, log=tqdm.write):
     """Trains `method` (minprefix/method.py) in place; writes to `out` and beside it. run: the settings that make
     a run (data, base model, hyperparameters); a resumed run must have the same, but may ask for more epochs.
     max_steps: stop there (the schedule decays to 0 there), whatever the epochs; eval_every: the held-out pass
     every N steps (and at the end) instead of after each epoch, as the paper's low-data runs keep the best of
-    them (its early stopping).
+    them (its early stopping). contrastive: the weight of contrastive_loss's term (two or more labels that steer).
     -> history: {"step_loss", "val" (the held-out passes), "val_loss", "steps_per_epoch", "kept_epoch",
     "kept_step", "selected_by", "interrupted", "resumed_at", "finished"}"""
     if keep not in ("best", "loss", "last"):
         raise ValueError(f"keep must be 'best', 'loss' or 'last', got {keep!r}")
+    if contrastive and not (getattr(method, "steers", False) and method.n_labels > 1):
+        raise ValueError(f"the contrastive term asks each text to be likelier under its own label than under the "
+                         f"others: it needs two or more labels to steer by; this {method.kind} has {method.n_labels}")
+    if contrastive < 0:
+        raise ValueError(f"the contrastive weight must be >= 0, got {contrastive}")
     device = torch.device(device)
     steps_per_epoch = math.ceil(len(train_items) / batch_size)
     if max_steps is not None:
         epochs = math.ceil(max_steps / steps_per_epoch)
     total = max_steps or epochs * steps_per_epoch
     run = dict(run or {}, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, group_by_length=group_by_length,
-               weight_decay=weight_decay, warmup=warmup, max_steps=max_steps, eval_every=eval_every)
+               weight_decay=weight_decay, warmup=warmup, max_steps=max_steps, eval_every=eval_every,
+               contrastive=contrastive or None)
     loss_fn, nll_fn = (fast.lm_loss, fast.token_nll) if fast.enabled() else (lm_loss, token_nll)
     if fast.enabled():
         fast.keep_freed_memory()
@@ -190,7 +219,8 @@ def train(model, method, train_items, val_items, labels, out, epochs=5, batch_si
                     epochs_done=round(len(history["step_loss"]) / steps_per_epoch, 3),
                     steps=len(history["step_loss"]), interrupted=interrupted, lr=lr, batch_size=batch_size, seed=seed,
                     val_loss=val.get("loss"), steer_acc=val.get("steer_acc"), steer_margin=val.get("steer_margin"),
-                    selected_by=history["selected_by"], train_loss=sum(steps) / max(1, len(steps)))
+                    selected_by=history["selected_by"], train_loss=sum(steps) / max(1, len(steps)),
+                    contrastive=contrastive)
         method.save(out, model, labels, meta)
 
     def save_state(epoch):  # what --resume needs, after a finished epoch
@@ -231,7 +261,11 @@ def train(model, method, train_items, val_items, labels, out, epochs=5, batch_si
             running = None
             for idx, targets, y in batches(train_items, batch_size, shuffle=True, generator=gen,
                                            group_by_length=group_by_length):
-                loss = batch_loss(model, method, idx.to(device), targets.to(device), y.to(device), loss_fn)
+                idx, targets, y = idx.to(device), targets.to(device), y.to(device)
+                if contrastive:
+                    loss = contrastive_loss(model, method, idx, targets, y, contrastive, nll_fn)
+                else:
+                    loss = batch_loss(model, method, idx, targets, y, loss_fn)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

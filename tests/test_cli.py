@@ -11,7 +11,7 @@ import pytest
 
 import torch
 
-from conftest import REPO, SHARED
+from conftest import REPO, SHARED, assert_near
 from minprefix.prefix import load_prefix
 
 
@@ -171,7 +171,9 @@ def test_resume_after_ctrl_c_ends_with_the_uninterrupted_prefix(offline_model_di
     assert "resuming after epoch 1 of 3" in p.stdout + p.stderr and "kept epoch 3" in p.stdout
     a, _ = load_prefix(tmp_path / "whole.safetensors")
     b, meta = load_prefix(out)
-    assert (a.table() - b.table()).abs().max().item() <= 1e-6 and meta["info"]["epoch"] == 3
+    # the same steps in two processes: AdamW's float32 updates, bit for bit but for kernels' summation order
+    assert_near(b.table(), a.table(), 1e-6, "resumed against uninterrupted")
+    assert meta["info"]["epoch"] == 3
     p = run("train.py", *common, "--out", out, "--resume", check=False)  # finished: no state left to resume from
     assert p.returncode == 2 and "no saved state" in p.stderr and "--keep-resume-state" in p.stderr
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import EOT
 from minprefix import Tokenizer
 from minprefix.data import Example
 from minprefix.evaluation import continue_prompts, distinct, evaluate_prefix, perplexity, split_prompt, wilson
@@ -25,7 +26,7 @@ def test_continuations_come_back_in_prompt_order_as_if_decoded_alone(offline_mod
     outs = continue_prompts(offline_model, tok, prompts, weights, prefix, 12, seed=0, temperature=0)
     for prompt, w, out in zip(prompts, weights, outs):
         idx = torch.tensor([[tok.eot] + tok.encode(prompt)])
-        alone = generate(offline_model, idx, 12, kv_cache=prefix.cache(offline_model, w[None]), temperature=0)[0]
+        alone = generate(offline_model, idx, 12, kv_cache=prefix.cache(offline_model, w[None]), temperature=0, eot=EOT)[0]
         assert out == tok.decode(alone)
     assert outs[0] != outs[4]  # the same prompt under the other label's prefix
 
@@ -46,6 +47,7 @@ def test_perplexity_is_exp_of_the_mean_continuation_loss(offline_model):
 
 class WordJudge:
     """A stand-in for VADER: +1 for each 'good', -1 for each 'bad', clipped to [-1, 1]."""
+    name = "VADER"
 
     def score(self, text):
         return max(-1.0, min(1.0, text.count("good") - text.count("bad")))
@@ -71,6 +73,8 @@ def test_vader_gap_and_accuracies_follow_the_judge(offline_model, monkeypatch):
     assert row["acc_intended"] == 1.0 and row["acc_flipped"] == 1.0 and row["vader_gap"] == pytest.approx(2.0)
     assert row["n_generations"] == 6 and row["acc_intended_ci"][0] > 0.5
     assert row["alpha_sweep"][1.0] == 1.0 and row["alpha_sweep"][0.0] == -1.0  # alpha 1 is all positive prefix
+    ends = row["neutral"]["VADER"]  # from the neutral prompts: every alpha-1 text positive, every alpha-0 negative
+    assert ends["positive"] == 1.0 and ends["negative"] == 1.0 and ends["positive_ci"][0] > 0.6
 
 
 def test_wilson_interval():

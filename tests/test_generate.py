@@ -3,12 +3,15 @@ riding in the cache, and prompts of different lengths in one batch."""
 import pytest
 import torch
 
+from conftest import EOT
 from minprefix import Tokenizer
 from minprefix.generate import generate, pad_left, sample
 from minprefix.prefix import KVPrefix, label_weights
 
 
 def frequencies(logits, n=20000, **kw):
+    """Draws' frequencies. Not a float tolerance: with 20,000 draws a frequency's standard error is at most
+    sqrt(0.25 / 20000) = 0.0035, so the tests' 0.015 is over 4 standard errors (a seeded generator: no flakes)."""
     g = torch.Generator().manual_seed(0)
     draws = sample(logits.expand(n, -1), generator=g, **kw)[:, 0]
     return torch.bincount(draws, minlength=logits.size(-1)).float() / n
@@ -57,17 +60,17 @@ def test_top_k_then_top_p_on_a_flat_distribution():
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5)])
 def test_bad_sampling_settings_are_refused(offline_model, bad):
     with pytest.raises(ValueError, match=list(bad)[0]):
-        generate(offline_model, torch.tensor([[50256]]), 3, **bad)
+        generate(offline_model, torch.tensor([[EOT]]), 3, eot=EOT, **bad)
 
 
 def test_greedy_and_seeded(offline_model):
     tok = Tokenizer()
     idx = torch.tensor([[tok.eot] + tok.encode("The lectures were")] * 3)
-    a = generate(offline_model, idx, 12, temperature=0.9, top_p=0.9, seed=7)
-    assert a == generate(offline_model, idx, 12, temperature=0.9, top_p=0.9, seed=7)
-    assert a != generate(offline_model, idx, 12, temperature=0.9, top_p=0.9, seed=8)
+    a = generate(offline_model, idx, 12, temperature=0.9, top_p=0.9, seed=7, eot=EOT)
+    assert a == generate(offline_model, idx, 12, temperature=0.9, top_p=0.9, seed=7, eot=EOT)
+    assert a != generate(offline_model, idx, 12, temperature=0.9, top_p=0.9, seed=8, eot=EOT)
     assert len({tuple(r) for r in a}) > 1  # rows draw independently
-    g = generate(offline_model, idx, 12, temperature=0)
+    g = generate(offline_model, idx, 12, temperature=0, eot=EOT)
     assert g[0] == g[1] == g[2]
 
 
@@ -89,7 +92,8 @@ class EndsAt(torch.nn.Module):
 
 
 def test_rows_stop_at_their_own_end_of_text(offline_model):
-    out = generate(EndsAt(offline_model, [0, 3, 6, 100]), torch.tensor([[50256, 464]] * 4), 8, temperature=1.0, seed=0)
+    out = generate(EndsAt(offline_model, [0, 3, 6, 100]), torch.tensor([[50256, 464]] * 4), 8, temperature=1.0, seed=0,
+                   eot=EOT)
     assert out == [[], [11] * 3, [11] * 6, [11] * 8]
 
 
@@ -97,13 +101,13 @@ def test_max_new_tokens_zero_and_the_context_end(offline_model):
     """max_new_tokens means what it says: past the context's end the text goes on (tests/test_long.py says how);
     only a prompt that does not fit is refused."""
     n = offline_model.config.n_positions
-    assert generate(offline_model, torch.tensor([[50256, 464]]), 0) == [[]]
+    assert generate(offline_model, torch.tensor([[50256, 464]]), 0, eot=EOT) == [[]]
     idx = torch.randint(0, 50257, (1, n - 5))  # room for 5 positions, and 12 tokens asked for
     assert len(generate(offline_model, idx, 12, temperature=0, eot=None)[0]) == 12
     full = torch.randint(0, 50257, (1, n))  # filling the context: re-encoded from the first token fed back on
     assert len(generate(offline_model, full, 3, temperature=0, eot=None)[0]) == 3
     with pytest.raises(ValueError, match="exceed the context"):
-        generate(offline_model, torch.randint(0, 50257, (1, n + 1)), 5)
+        generate(offline_model, torch.randint(0, 50257, (1, n + 1)), 5, eot=EOT)
 
 
 def test_prefix_rides_in_the_cache_and_is_left_as_it_was(offline_model):
@@ -127,7 +131,7 @@ def test_prefix_rides_in_the_cache_and_is_left_as_it_was(offline_model):
 def test_prompts_of_different_lengths_decode_as_they_would_alone(offline_model):
     tok = Tokenizer()
     prompts = [[tok.eot] + tok.encode(p) for p in ("The food", "I went to see this film because it", "")]
-    idx, real = pad_left(prompts)
+    idx, real = pad_left(prompts, EOT)
     assert real.sum(1).tolist() == [len(p) for p in prompts]
     batched = generate(offline_model, idx, 30, real=real, temperature=0, eot=None)
     assert batched == [generate(offline_model, torch.tensor([p]), 30, temperature=0, eot=None)[0] for p in prompts]
@@ -139,12 +143,13 @@ def test_beam_search_through_generate_on_both_paths_and_sampling_flags_refused(o
     from minprefix import fast
     from minprefix.beam import beam_search
     idx = torch.tensor([[50256, 464, 2646]])
-    want = beam_search(offline_model, idx, 3, 8)
-    assert generate(offline_model, idx, 8, num_beams=3) == want == fast.generate(offline_model, idx, 8, num_beams=3)
+    want = beam_search(offline_model, idx, 3, 8, eot=EOT)
+    assert generate(offline_model, idx, 8, num_beams=3, eot=EOT) == want == \
+        fast.generate(offline_model, idx, 8, num_beams=3, eot=EOT)
     for bad in (dict(temperature=0.7), dict(seed=1), dict(top_k=5), dict(top_p=0.5)):
         for decode in (generate, fast.generate):
             with pytest.raises(ValueError, match=f"{list(bad)[0]}= does not apply to beam search"):
-                decode(offline_model, idx, 8, num_beams=3, **bad)
+                decode(offline_model, idx, 8, num_beams=3, eot=EOT, **bad)
 
 
 def test_an_empty_prompt_is_a_clear_error_on_both_paths(offline_model):
@@ -156,9 +161,9 @@ def test_an_empty_prompt_is_a_clear_error_on_both_paths(offline_model):
     for decode in (generate, fast.generate):
         for kv in (None, cache):
             with pytest.raises(ValueError, match="a prompt has no tokens"):
-                decode(offline_model, empty, 5, kv_cache=kv)
-    idx, real = pad_left([[]])
+                decode(offline_model, empty, 5, kv_cache=kv, eot=EOT)
+    idx, real = pad_left([[]], EOT)
     assert idx.dtype == torch.long and real.dtype == torch.bool and idx.shape == (1, 0)
-    idx, real = pad_left([[50256, 11], []])  # one row empty, padded all the way: refused too
+    idx, real = pad_left([[50256, 11], []], EOT)  # one row empty, padded all the way: refused too
     with pytest.raises(ValueError, match="a prompt has no tokens"):
-        generate(offline_model, idx, 5, real=real)
+        generate(offline_model, idx, 5, real=real, eot=EOT)

@@ -1,29 +1,31 @@
-"""Parity with code we did not write: HF transformers' GPT2LMHeadModel, max |dlogit| <= 1e-4 in float32."""
+"""Parity with code we did not write: HF transformers' GPT2LMHeadModel, in float32, max |dlogit| within RTOL of the
+logits' magnitude."""
 import json
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import random_hf_gpt2, write_hub_layout
+from conftest import EOT, assert_near, random_hf_gpt2, write_hub_layout
 from minprefix import GPT2, KVCache, Tokenizer, generate
 
 transformers = pytest.importorskip("transformers")
-TOL = 1e-4
+# Two implementations of the same float32 model: HF's Conv1D is addmm on (in, out) weights, ours F.linear on
+# (out, in), and its attention another kernel: the same sums in other orders, ~1e-6 of the logits' magnitude on
+# both CPUs. A real difference (a transposed weight, a missing bias, a wrong mask) is of the order of the logits.
+RTOL = 1e-5
 
 
-def max_dlogit(ours, hf, idx):
+def same_logits(ours, hf, idx):
     with torch.no_grad():
-        d = (ours(idx) - hf(idx).logits).abs().max().item()
-    print(f"max |dlogit| = {d:.2e}")
-    return d
+        assert_near(ours(idx), hf(idx).logits, RTOL, "logits against HF")
 
 
 def test_tiny_random_config(tmp_path):
     hf = random_hf_gpt2(n_layer=3, n_head=4, n_embd=64, vocab_size=500, n_positions=48)
     ours = GPT2.from_pretrained(write_hub_layout(hf, tmp_path))
     idx = torch.randint(0, 500, (3, 40))
-    assert max_dlogit(ours, hf, idx) <= TOL
+    same_logits(ours, hf, idx)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +38,7 @@ def test_gpt2_small_shaped(small_hf, tmp_path, layout):
     folder = write_hub_layout(small_hf, tmp_path, prefixed=layout != "hub", with_lm_head=layout == "prefixed-with-lm_head")
     ours = GPT2.from_pretrained(folder)
     assert ours.num_params() == 124_439_808
-    assert max_dlogit(ours, small_hf, torch.randint(0, 50257, (2, 64))) <= TOL
+    same_logits(ours, small_hf, torch.randint(0, 50257, (2, 64)))
 
 
 def test_sharded_checkpoint(tmp_path):
@@ -50,7 +52,7 @@ def test_sharded_checkpoint(tmp_path):
         save_file({k: tensors[k] for k in keys}, str(folder / file))
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {k: f for f, ks in shards.items() for k in ks}}))
     (folder / "config.json").write_text((tmp_path / "one" / "config.json").read_text())
-    assert max_dlogit(GPT2.from_pretrained(folder), hf, torch.randint(0, 300, (2, 20))) <= TOL
+    same_logits(GPT2.from_pretrained(folder), hf, torch.randint(0, 300, (2, 20)))
 
 
 def test_offline_model(offline_model, offline_hf):
@@ -59,8 +61,8 @@ def test_offline_model(offline_model, offline_hf):
     assert p.dtype == torch.float32 and p.device.type == "cpu" and not offline_model.training
     tok = Tokenizer()
     idx = torch.tensor([[tok.eot] + tok.encode("The acting was wooden, but the score made up for it. I would watch it again")])
-    assert max_dlogit(offline_model, offline_hf, idx) <= TOL
-    assert max_dlogit(offline_model, offline_hf, torch.randint(0, 50257, (2, 128))) <= TOL
+    same_logits(offline_model, offline_hf, idx)
+    same_logits(offline_model, offline_hf, torch.randint(0, 50257, (2, 128)))
 
 
 def test_real_gpt2_when_cached():
@@ -72,8 +74,8 @@ def test_real_gpt2_when_cached():
     hf = transformers.GPT2LMHeadModel.from_pretrained("openai-community/gpt2", dtype=torch.float32).eval()
     tok = Tokenizer()
     idx = torch.tensor([tok.encode("Hello, I'm a language model, and today I will tell you about prefixes")])
-    assert max_dlogit(ours, hf, idx) <= TOL
-    assert generate(ours, idx, 20, temperature=0)[0] == hf.generate(idx, max_new_tokens=20, do_sample=False)[0, idx.size(1):].tolist()
+    same_logits(ours, hf, idx)
+    assert generate(ours, idx, 20, temperature=0, eot=tok.eot)[0] == hf.generate(idx, max_new_tokens=20, do_sample=False)[0, idx.size(1):].tolist()
 
 
 def test_kv_cache_matches_full_forward(offline_model):
@@ -84,7 +86,8 @@ def test_kv_cache_matches_full_forward(offline_model):
         parts = [offline_model(idx[:, :10], cache)]  # a prompt, then one token at a time
         parts += [offline_model(idx[:, t:t + 1], cache) for t in range(10, 24)]
     assert cache.length == 24
-    assert (torch.cat(parts, dim=1) - full).abs().max().item() <= TOL
+    # the cache's attention sums over S+T keys in pieces, the full forward in one: rounding only
+    assert_near(torch.cat(parts, dim=1), full, RTOL, "cached against full forward")
 
 
 def test_greedy_tokens_match_hf(offline_model, offline_hf):
@@ -180,12 +183,14 @@ def test_left_padding_gives_each_row_its_own_logits(offline_model):
     """Prompts of different lengths share a batch, padded on the left: each row's logits are its logits alone."""
     from minprefix.generate import pad_left
     prompts = [[50256, 464, 3290, 373, 257], [50256, 40], [50256, 1212, 2646]]
-    idx, real = pad_left(prompts)
+    idx, real = pad_left(prompts, EOT)
     with torch.no_grad():
         batched = offline_model(idx, None, real)
         for row, p in enumerate(prompts):
             alone = offline_model(torch.tensor([p]))[0]
-            assert (batched[row, -len(p):] - alone).abs().max().item() <= 1e-5
+            # a batch of 3 and a batch of 1 take other kernel blockings (AMX/AVX-512): rounding only; a padding
+            # position leaking into a row's attention would move its logits by ~1
+            assert_near(batched[row, -len(p):], alone, RTOL, f"row {row} batched against alone")
 
 
 def test_offline_errors_name_the_variable_and_the_folder(monkeypatch):

@@ -17,7 +17,8 @@ from conftest import REPO
 
 from minprefix import GPT2, GPTConfig, KVCache, Tokenizer, fast
 from minprefix.evaluation import prefix_attention
-from minprefix.generate import Window, generate, pad_left, replace_prefix, stream
+from minprefix.generate import Window, generate, pad_left, replace_prefix
+from minprefix.guidance import guide
 from minprefix.lora import LoRA
 from minprefix.prefix import EmbeddingPrefix, KVPrefix, label_weights
 from minprefix.tone import Tone, alpha_weights, parse_schedule
@@ -64,7 +65,7 @@ def lora(config, seed=0):
 def test_the_window_keeps_the_last_part_of_each_row_with_its_padding():
     model = type("M", (), {"config": GPTConfig(n_positions=12)})()
     prefix = KVCache([(torch.zeros(2, 1, 2, 1), torch.zeros(2, 1, 2, 1))])  # P = 2: the text has 10 positions
-    idx, real = pad_left([[1, 2, 3, 4], [5, 6]])
+    idx, real = pad_left([[1, 2, 3, 4], [5, 6]], 0)
     window = Window(model, prefix, idx, real)
     assert window.positions == 10 and window.keep == 5 and window.left() == 6
     for t in range(6):  # 4 + 6 = 10 tokens in the longer row: all fit
@@ -105,7 +106,7 @@ def test_past_the_end_each_token_is_read_off_the_prefix_and_the_windows_last_par
 def test_reference_and_fast_write_the_same_tokens_across_reencodings(offline_model, fast_model, boost):
     """Left-padded rows of different lengths, a prefix, several re-encodings: greedy and sampled tokens equal."""
     ref, quick = short(offline_model), short(fast_model)
-    idx, real = pad_left(prompts())
+    idx, real = pad_left(prompts(), EOT)
     cache = random_prefix(ref.config).cache(ref, label_weights(2, alpha=0.7).repeat(3, 1)).boosted(boost)
     for kw in (dict(temperature=0), dict(temperature=0.9, top_p=0.9, seed=4)):
         a = generate(ref, idx, 70, kv_cache=cache, real=real, eot=None, **kw)  # three re-encodings
@@ -124,7 +125,7 @@ def test_a_whole_window_on_the_offline_model(offline_model, fast_model):
     tokens, so that the longer row reaches the end after 9 and both are re-encoded (keeping 509 tokens)."""
     tok = Tokenizer()
     text = tok.encode(" ".join(json.loads(line)["text"] for line in open(REPO / "data" / "train.jsonl")))
-    idx, real = pad_left([[EOT] + text[:1008], [EOT] + text[500:1490]])
+    idx, real = pad_left([[EOT] + text[:1008], [EOT] + text[500:1490]], EOT)
     cache = random_prefix(offline_model.config).cache(offline_model, label_weights(2, label=1).repeat(2, 1))
     a = fast.generate(fast_model, idx, 40, kv_cache=cache, real=real, temperature=0, eot=None)
     assert [len(r) for r in a] == [40, 40]
@@ -134,13 +135,13 @@ def test_a_whole_window_on_the_offline_model(offline_model, fast_model):
 def test_min_new_tokens_holds_endoftext_back(offline_model, fast_model):
     from test_generate import EndsAt
     idx = torch.tensor([[EOT, 464]] * 2)
-    out = generate(EndsAt(offline_model, [0, 2]), idx, 10, temperature=1.0, seed=0, min_new_tokens=5)
+    out = generate(EndsAt(offline_model, [0, 2]), idx, 10, temperature=1.0, seed=0, min_new_tokens=5, eot=EOT)
     assert [len(r) for r in out] == [5, 5]  # both wanted to stop earlier: held back until 5 were written
-    out = generate(EndsAt(offline_model, [0, 7]), idx, 10, temperature=0, min_new_tokens=5)
+    out = generate(EndsAt(offline_model, [0, 7]), idx, 10, temperature=0, min_new_tokens=5, eot=EOT)
     assert [len(r) for r in out] == [5, 7] and out[1] == [11] * 7
     with pytest.raises(ValueError, match="min_new_tokens must be between 0 and max_new_tokens"):
-        generate(offline_model, idx, 3, min_new_tokens=4)
-    tokens = list(fast.stream(fast_model, idx, 30, temperature=1.0, seed=0, min_new_tokens=30))
+        generate(offline_model, idx, 3, min_new_tokens=4, eot=EOT)
+    tokens = list(fast.stream(fast_model, idx, 30, temperature=1.0, seed=0, min_new_tokens=30, eot=EOT))
     assert len(tokens) == 30 and not any((t == EOT).any() for t in tokens)
 
 
@@ -229,7 +230,7 @@ def test_a_schedule_writes_the_same_tokens_on_both_paths_for_every_method(offlin
     left-padded rows, greedy, the reference and the fast path agreeing; the text before the ramp moves is alpha 0's."""
     ref, quick = short(offline_model), short(fast_model)
     method = lora(ref.config) if kind == "lora" else random_prefix(ref.config, kind)
-    idx, real = pad_left(prompts())
+    idx, real = pad_left(prompts(), EOT)
     labels = ["positive", "negative"]
     out = []
     for model in (ref, quick):
@@ -244,6 +245,26 @@ def test_a_schedule_writes_the_same_tokens_on_both_paths_for_every_method(offlin
     assert [r[:21] for r in out[0]] == still  # the first mix change is for token 21
     run, cache = method.apply(ref, alpha_weights(labels, 1.0).repeat(3, 1))
     assert out[0] != generate(run, idx, 90, kv_cache=cache, real=real, temperature=0, eot=None)
+
+
+def test_guidance_goes_past_the_window_and_follows_a_schedule(offline_model, fast_model):
+    """Guidance at the logits (minprefix/guidance.py: 1 + n rows a sample) composes with the window, the boost and
+    a schedule: the reference and the fast path write the same tokens across re-encodings, from either anchor."""
+    ref, quick = short(offline_model), short(fast_model)
+    method, labels = random_prefix(ref.config), ["positive", "negative"]
+    idx, real = pad_left(prompts(), EOT)
+    for anchor in ("bare", "mix"):
+        out = []
+        for model, decode in ((ref, generate), (quick, fast.generate)):
+            run, cache = guide(method, model, alpha_weights(labels, 0.8).repeat(3, 1), 1.5, anchor)
+            out.append(decode(run, idx, 60, kv_cache=cache.boosted(0.3), real=real, temperature=0, eot=None))
+        assert out[0] == out[1] and [len(r) for r in out[0]] == [60, 60, 60]
+    out = []
+    for model, decode in ((ref, generate), (quick, fast.generate)):
+        tone = Tone(method, model, labels, parse_schedule("10:0,40:1"), 3, guidance=1.5, anchor="mix")
+        run, cache = tone.start()
+        out.append(decode(run, idx, 60, kv_cache=cache, real=real, temperature=0, eot=None, tone=tone))
+    assert out[0] == out[1]
 
 
 def test_a_slow_schedule_changes_the_mix_every_step_of_alpha():

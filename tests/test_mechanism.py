@@ -54,7 +54,7 @@ def test_positive_prefix_writes_more_positive_text(offline_model, tuned):
     for label in range(2):  # the same seed for both: with the prefix ignored, the two lists would be identical
         cache = prefix.cache(offline_model, label_weights(2, label=label).repeat(n, 1))
         texts = [tok.decode(t) for t in generate(offline_model, idx, 40, kv_cache=cache, temperature=0.7,
-                                                  top_p=0.9, seed=0)]
+                                                  top_p=0.9, seed=0, eot=tok.eot)]
         scores[labels[label]] = sum(judge.score(t) for t in texts) / n
     print("mean VADER compound:", scores)
     assert scores["positive"] > scores["negative"] + 0.15

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import REPO, random_hf_gpt2, write_hub_layout
+from conftest import REPO, assert_near, random_hf_gpt2, write_hub_layout
 from minprefix import Tokenizer
 from minprefix.lora import LoRA, load_lora, save_lora
 from minprefix.peft import AdapterError, export_adapters, import_adapters, main
@@ -19,7 +19,10 @@ from test_peft import copy_adapter
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-TOL = 1e-5  # in float64 (see model64): in float32 the two base models alone already differ by ~1e-5
+# the base models in float64 (see model64; in float32 the two alone already differ by ~1e-6 of the logits'
+# magnitude), the LoRA changes in float32, their own dtype (as PEFT computes them): rounding ~2e-8 of the logits'
+# magnitude, where a wrong scale, rank or row would move them by ~1e-2 or more
+RTOL = 1e-6
 LABELS = ["positive", "negative"]
 TARGETS = {"qv": ("q", "v"), "all": ("q", "k", "v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
 RANK_ALPHA = {"qv": (4, 32.0), "all": (2, 5.0)}  # "all": c_attn's rank 6, alpha 15 go to rank_pattern, alpha_pattern
@@ -162,9 +165,7 @@ def test_export_loads_in_peft_with_our_logits(offline_model_dir, model64, checkp
     plain = model64(text_ids()).detach()
     for i, label in enumerate(LABELS):
         ours, theirs = our_logits(model64, lora, one_hot(2, i)), peft_logits(pm, label)
-        d = (ours - theirs).abs().max().item()
-        print(f"export LoRA {name} {label}: max |dlogit| vs PeftModel.from_pretrained = {d:.2e}")
-        assert d <= TOL
+        assert_near(ours, theirs, RTOL, f"export LoRA {name} {label}: logits against PeftModel.from_pretrained")
         assert (ours - plain).abs().max().item() > 0.1  # and the LoRA does change the logits
 
 
@@ -183,9 +184,7 @@ def test_import_of_peft_made_adapters_matches_peft(offline_model_dir, model64, p
     pm = peft_model(offline_model_dir, folders)
     for i, folder in enumerate(folders):
         ours, theirs = our_logits(model64, lora, one_hot(2, i)), peft_logits(pm, folder.name)
-        d = (ours - theirs).abs().max().item()
-        print(f"import PEFT LoRA {name} {LABELS[i]}: max |dlogit| vs PEFT = {d:.2e}")
-        assert d <= TOL
+        assert_near(ours, theirs, RTOL, f"import PEFT LoRA {name} {LABELS[i]}: logits against PEFT")
 
 
 def test_our_mix_is_pefts_cat_of_the_two_adapters(offline_model_dir, model64, peft_adapters, tmp_path):
@@ -195,9 +194,7 @@ def test_our_mix_is_pefts_cat_of_the_two_adapters(offline_model_dir, model64, pe
     pm = peft_model(offline_model_dir, folders)
     pm.add_weighted_adapter([f.name for f in folders], [0.3, 0.7], "mix", combination_type="cat")
     ours, theirs = our_logits(model64, lora, [0.3, 0.7]), peft_logits(pm, "mix")
-    d = (ours - theirs).abs().max().item()
-    print(f"mix 0.3/0.7: max |dlogit| vs PEFT add_weighted_adapter(cat) = {d:.2e}")
-    assert d <= TOL
+    assert_near(ours, theirs, RTOL, "mix 0.3/0.7: logits against PEFT add_weighted_adapter(cat)")
     for i in range(2):  # a mix, not one of the two
         assert (ours - our_logits(model64, lora, one_hot(2, i))).abs().max().item() > 0.05
 
@@ -227,9 +224,8 @@ def test_a_sidecar_that_no_longer_fits_the_weights_is_not_trusted(offline_model_
     lora, meta = load_lora(tmp_path / "back.safetensors", model64)
     assert meta["targets"] == ["c_attn"] and meta["info"]["note"] == "a qv test checkpoint"
     pm = peft_model(offline_model_dir, folders[:1])
-    d = (our_logits(model64, lora, one_hot(2, 0)) - peft_logits(pm, LABELS[0])).abs().max().item()
-    print(f"import of an exported adapter changed in PEFT: max |dlogit| vs PEFT = {d:.2e}")
-    assert d <= TOL
+    assert_near(our_logits(model64, lora, one_hot(2, 0)), peft_logits(pm, LABELS[0]), RTOL,
+                "import of an exported adapter changed in PEFT: logits against PEFT")
 
 
 # ---- refusals: each names the file, the field or tensor, and the value ----

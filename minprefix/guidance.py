@@ -1,0 +1,80 @@
+"""Guidance at the logits, with the labels' own prefixes as experts (DExperts, Liu et al., ACL 2021; the same with
+prefixes: Focused Prefix Tuning, Ma et al., ACL 2023).
+
+A mix of labels can steer in two places. In the keys and values (the prefix's own dial, prefix.py): one row under
+sum_i w_i prefix_i. At the logits: each sample is decoded as 1 + n rows of one batch on the same frozen model, an
+anchor and each label alone, and the next token is drawn from
+
+    z = z_anchor + strength * n / (n - 1) * (sum_i w_i z_i - mean_i z_i)                   (B, V)
+
+With two labels and alpha (w = (alpha, 1 - alpha) for positive, negative) this is
+
+    z = z_anchor + strength * (2 alpha - 1) * (z_positive - z_negative)
+
+What the labels' texts share (their topic, their style) cancels in the difference; what tells them apart is what
+is added. The anchor:
+  bare  the model without any prefix (its rows see none: the prefix's positions are masked out, theirs start
+        at 0; a LoRA's rows get a zero change). DExperts' form: at alpha 1 the bare model plus strength times
+        (positive expert - negative anti-expert); at alpha 0.5 the bare model itself. The text keeps the bare
+        model's fluency, since the experts' shared domain cancels.
+  mix   the K/V mix at alpha (what the dial writes without guidance), pushed further by the same difference.
+Strength 0 is no guidance: the K/V mix alone, one row a sample.
+
+Guided is a model to decode with: its forward takes B rows and returns B rows of guided logits, so the sampling
+loop (generate.py) runs it as it runs any model; the cache it decodes from holds its (1 + n) * B rows. The
+fast path (fast.stream) unwraps it and decodes the rows in one batch.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+DEFAULT_STRENGTH = 0.0  # sample.py's and eval.py's defaults (docs/results.md: the frontier they were chosen from)
+DEFAULT_ANCHOR = "bare"
+
+
+class Guided(nn.Module):
+    """model decoding (1 + n) * B rows -> B rows of guided logits. weights (B, n): each sample's mix."""
+
+    def __init__(self, model, weights, strength):
+        super().__init__()
+        n = weights.size(1)
+        if n < 2:
+            raise ValueError(f"guidance needs two or more labels to tell apart, this checkpoint has {n}")
+        self.model, self.strength, self.rows = model, strength, weights.size(0)
+        self.config = model.config
+        self.coef = strength * n / (n - 1) * (weights.float() - 1 / n)  # (B, n): each label's logits' weight
+
+    def expand(self, t):  # (B, ...) -> ((1 + n) * B, ...): the mix rows, then label 0's, label 1's, ...
+        return t.repeat(1 + self.coef.size(1), *([1] * (t.dim() - 1)))
+
+    def combine(self, logits):  # ((1 + n) * B, ..., V) -> (B, ..., V)
+        z = logits.float().unflatten(0, (1 + self.coef.size(1), self.rows))  # (1 + n, B, ..., V)
+        coef = self.coef.to(z.device).t().reshape(-1, self.rows, *([1] * (z.dim() - 2)))  # (n, B, 1.., 1)
+        return z[0] + (coef * z[1:]).sum(0)
+
+    def forward(self, idx, kv_cache=None, real=None):  # idx (B, T) -> guided logits (B, T, V)
+        return self.combine(self.model(self.expand(idx), kv_cache, None if real is None else self.expand(real)))
+
+
+ANCHORS = ("bare", "mix")
+
+
+def guide(method, model, weights, strength, anchor=DEFAULT_ANCHOR):
+    """-> (the model to decode with, the cache the text starts from) for weights (B, n_labels), as method.apply
+    gives them, with guidance at the logits of this strength from this anchor (0: method.apply itself, one row
+    per sample)."""
+    if not strength:
+        return method.apply(model, weights)
+    if anchor not in ANCHORS:
+        raise ValueError(f"the anchor of guidance must be one of {', '.join(ANCHORS)}, got {anchor!r}")
+    if not method.mixes:
+        raise ValueError(f"guidance combines the labels' logits: this {method.kind} checkpoint has no labels to mix")
+    B, n = weights.shape
+    alone = F.one_hot(torch.arange(n, device=weights.device).repeat_interleave(B), n).to(weights)
+    first = weights if anchor == "mix" else torch.zeros_like(weights)  # a zero mix: a LoRA's change is 0
+    run, cache = method.apply(model, torch.cat([first, alone]))  # ((1 + n) * B, n): the anchor, then each label
+    if anchor == "bare" and cache is not None:  # the anchor rows see no prefix: its positions masked out
+        real = torch.ones(cache.layers[0][0].size(0), cache.length, dtype=torch.bool, device=weights.device)
+        real[:B] = False
+        cache.real = real if cache.real is None else cache.real & real
+    return Guided(run, weights, strength), cache
