@@ -10,6 +10,7 @@ alpha * positive + (1 - alpha) * negative; --weights: one weight per label).
   python sample.py --prefix weights/e2e-prefix.safetensors --num-beams 5 \\
       --prompt "name : The Eagle | Type : pub | area : riverside"        # a source -> text prefix: the prompt is the source
   python sample.py --prefix ../shared/models/imdb-gpt2-19m --prompt "The labs"   # a model folder alone, no prefix
+  python sample.py --serve --port 8000               # an OpenAI-style server and a page with sliders (docs/serve.md)
 
 The checkpoint is the one train.py wrote last (weights/latest), unless --prefix names another. Prompts of
 different lengths are decoded together, padded on the left with an attention mask that hides the padding and
@@ -91,7 +92,45 @@ def parser():
     p.add_argument("--dtype", default="float32", choices=list(fast.DTYPES), help=fast.DTYPE_HELP)
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available, else cpu)")
     p.add_argument("--reference", action="store_true", help="run the plain reference code only (minprefix/fast.py off)")
+    srv = p.add_argument_group("serving (--serve; each request gives its own prompt, mix and sampling settings; "
+                               "--batch-size is the most rows decoded together)")
+    srv.add_argument("--serve", action="store_true", help="answer HTTP: POST /v1/completions (OpenAI's completions "
+                     "with alpha, weights or label), GET /v1/models, and GET / a page with a slider per label "
+                     "(needs pip install -e \".[serve]\"; docs/serve.md)")
+    srv.add_argument("--host", help="the address to listen on (default: 127.0.0.1, this machine only)")
+    srv.add_argument("--port", type=int, help="(default: 8000)")
     return p
+
+
+# sample.py's flags that a request gives for itself when serving: flag -> the request's field
+PER_REQUEST = {"alpha": "alpha", "sentiment": "label", "weights": "weights", "extrapolate": "extrapolate",
+               "prompt": "prompt", "prompts_file": "prompt", "output": None, "n": "n", "max_new_tokens": "max_tokens",
+               "temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "num_beams": None,
+               "min_new_tokens": None, "allow_newlines": None, "stream": "stream", "seed": "seed"}
+
+
+def serve(p, args):
+    """--serve: load the checkpoint once and answer HTTP until interrupted (minprefix/serve.py)."""
+    for dest, field in PER_REQUEST.items():
+        if getattr(args, dest) != p.get_default(dest):
+            flag = "--" + dest.replace("_", "-")
+            p.error(f"{flag} does not apply to --serve: " + (f"each request gives its own ({field!r})" if field else
+                    "the server samples (no beams) and answers over HTTP") + "; see docs/serve.md")
+    if args.port is not None and not 0 < args.port < 65536:
+        p.error(f"--port must be in 1-65535, got {args.port}")
+    if args.batch_size < 1:
+        p.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    try:
+        from minprefix import serve
+    except ImportError as e:
+        p.error(f"--serve: {e}")
+    args.prefix = args.prefix or latest(DEFAULT_CHECKPOINT)
+    meta = read_meta(args.prefix)
+    model = fast.decoding_model(args.model or meta["base_model"], args.dtype, args.device)
+    method, meta = load(args.prefix, model)
+    engine = serve.Engine(model, method, meta, args.prefix, batch_size=args.batch_size)
+    serve.serve(engine, args.host or "127.0.0.1", 8000 if args.port is None else args.port)
+    return 0
 
 
 def read_prompts(path):
@@ -159,6 +198,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.reference:
         os.environ["MINPREFIX_REFERENCE"] = "1"
+    if args.serve:
+        return serve(p, args)
+    for flag, value in (("--host", args.host), ("--port", args.port)):
+        if value is not None:
+            p.error(f"{flag} is for --serve")
     beams = args.num_beams > 1
     if beams:  # beam search is deterministic and picks its own tokens: refuse what it would silently ignore
         for flag, value in (("--temperature", args.temperature), ("--top-k", args.top_k), ("--top-p", args.top_p),

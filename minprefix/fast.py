@@ -12,6 +12,9 @@ and is held to the reference by tests/test_fast.py.
                         buffers; on a GPU each step replayed as a
                         CUDA graph
   linear_gelu           F.gelu(c_fc(x)) while decoding              GPT-2 small's c_fc, 50 rows: 0.87 -> 0.74 ms
+  probabilities,        generate.probabilities with top_p < 1       8 rows of the offline model's logits, t 0.8,
+  sample                (the server's and stream's sampling): no    top_p 0.9: 83 -> 26 ms (a development run);
+                        sort of the whole vocabulary                bench/bench_long.py times the draw
   beam_search,          beam.CacheSteps and beam.best_pairs         E2E beam search (10 tables x 5 beams):
   StaticSteps,                                                      241.4 -> 471.1 tables/min (3 rounds)
   best_pairs, top_k,                                                alone: top_k 3.1x torch.topk, logsumexp
@@ -43,7 +46,6 @@ import torch.nn.functional as F
 
 from minprefix.generate import (KEEP, Window, beam_settings, check_lengths, check_prompt, check_sampling, collect,
                                 decode, replace_prefix)
-from minprefix.generate import sample as reference_sample
 from minprefix.gpt2 import CausalSelfAttention, KVCache
 from minprefix.guidance import Guided
 from minprefix.prefix import PrefixMLP
@@ -432,23 +434,35 @@ def token_nll(model, idx, targets, kv_cache=None):
 @torch.no_grad()
 def stream(model, idx, max_new_tokens=50, kv_cache=None, real=None, temperature=1.0, top_k=None, top_p=None,
            *, eot, seed=None, cuda_graph=None, min_new_tokens=0, tone=None, keep=KEEP):
-    """generate.stream with two pieces replaced: the prompt's logits only at its last position (the reference
-    computes all T, and on a CPU the lm_head is most of a prompt's cost), and each later step through a
-    StaticKVCache, replayed as one CUDA graph on a GPU (cuda_graph: default on a GPU). The same Window past the
-    context's end (a new StaticKVCache from each re-encoding) and the same tone. Same tokens."""
+    """generate.stream with three pieces replaced: the prompt's logits only at its last position (the reference
+    computes all T, and on a CPU the lm_head is most of a prompt's cost), each later step through a StaticKVCache,
+    replayed as one CUDA graph on a GPU (cuda_graph: default on a GPU), and the nucleus drawn without sorting the
+    vocabulary (sample). The same Window past the context's end and the same tone. Same tokens."""
     check_sampling(temperature, top_k, top_p)
     check_lengths(max_new_tokens, min_new_tokens)
+    n, logits, step = start(model, idx, max_new_tokens, kv_cache, real, cuda_graph, tone, keep)
+    if n == 0:
+        return
+    yield from decode(logits, step, n, temperature, top_k, top_p, eot, seed, min_new_tokens, sample)
+
+
+@torch.no_grad()
+def start(model, idx, max_new_tokens=50, kv_cache=None, real=None, cuda_graph=None, tone=None, keep=KEEP):
+    """generate.start with stream's pieces replaced (above): -> (n, logits (B, V), step). Same logits. Past the
+    context's end a new StaticKVCache is built from each re-encoding (generate.Window's); a tone's new prefix is
+    written over the buffers' first P slots in place."""
     prefix = KVCache() if kv_cache is None else kv_cache
     check_prompt(model, prefix, idx, real)
-    if max_new_tokens <= 0:
-        return
+    n = max(0, max_new_tokens)
+    if n == 0:
+        return 0, None, None
     graph = idx.is_cuda if cuda_graph is None else cuda_graph
     window = Window(model, prefix, idx, real, keep)
     guided, rows = unwrap(model)  # guidance: its rows decoded here, in one batch
-    logits, steps = encode(guided, rows, prefix, idx, real, min(max_new_tokens - 1, window.left()), graph)
+    logits, steps = encode(guided, rows, prefix, idx, real, min(n - 1, window.left()), graph)
     written = 0
 
-    def step(x):  # as generate.stream's step
+    def step(x):  # as generate.start's step
         nonlocal guided, rows, prefix, steps, written
         written += 1
         change = tone(written) if tone is not None else None
@@ -460,38 +474,21 @@ def stream(model, idx, max_new_tokens=50, kv_cache=None, real=None, temperature=
         if tail is None:
             return steps(x) if guided is None else guided.combine(steps(guided.expand(x)))
         tail_idx, tail_real = tail  # the context is full: a new static cache from the prefix and the text's last part
-        logits, steps = encode(guided, rows, prefix, tail_idx, tail_real,
-                               min(max_new_tokens - 1 - written, window.left()), graph)
-        return logits
+        new_logits, steps = encode(guided, rows, prefix, tail_idx, tail_real, min(n - 1 - written, window.left()),
+                                   graph)
+        return new_logits
 
-    yield from decode(logits, step, max_new_tokens, temperature, top_k, top_p, eot, seed, min_new_tokens, sample)
+    return n, logits, step
 
 
 def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """Replaces generate.sample where top-p is on: the nucleus is found among each row's likeliest tokens (a top-k of
-    256, four times more until every row's nucleus ends within it) instead of in a sort of the whole vocabulary.
-    The probabilities kept, the zeros and the one torch.multinomial draw over the whole vocabulary are the
-    reference's, so the tokens are too (a cumulative sum of the same first values is the same sum). GPT-2's
-    vocabulary, 24 rows, one thread: the sort alone takes 0.24 s, a top-k of 1,000 0.03 (a development
-    measurement, bench/profile_steps.py has none), most of a step at sample.py's top-p 0.9."""
-    if temperature == 0 or top_p is None or top_p >= 1:
-        return reference_sample(logits, temperature, top_k, top_p, generator)
-    logits = logits / temperature
-    if top_k is not None:  # as the reference
-        kth = logits.topk(min(top_k, logits.size(-1))).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    V, k = probs.size(-1), 256
-    while True:
-        top, order = probs.topk(min(k, V))  # (B, k), in descending order as the reference's sort
-        before = top.cumsum(dim=-1) - top  # the mass before each token
-        if k >= V or bool((before[:, -1] >= top_p).all()):  # every row drops its k-th and all after it
-            break
-        k *= 4
-    drop = before >= top_p
-    drop[:, 0] = False  # the likeliest token always stays
-    keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, order, ~drop)
-    return torch.multinomial(probs.masked_fill(~keep, 0.0), 1, generator=generator)
+    """generate.sample drawing from probabilities() (below) instead of generate.probabilities: the same tokens, and
+    no sort of the whole vocabulary where top_p < 1 (the offline model, 24 rows at sample.py's temperature 0.8 and
+    top_p 0.9: a sampled step 0.40 -> 0.13 s on one loaded thread of the 2-core Xeon, a development measurement;
+    bench/bench_long.py times the draw alone)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    return torch.multinomial(probabilities(logits, temperature, top_k, top_p), 1, generator=generator)
 
 
 def unwrap(model):  # -> (the guidance.Guided wrapper or None, the model whose rows are decoded)
@@ -589,6 +586,29 @@ def top_k(x, k, block=64):
         index = torch.cat([index, torch.arange(whole, V, device=x.device).expand(n, -1)], dim=1)
     top, pos = values.topk(k)
     return top, index.gather(1, pos)
+
+
+def probabilities(logits, temperature=1.0, top_k=None, top_p=None, candidates=1024):
+    """Replaces generate.probabilities where top_p < 1 (the server's sampling, minprefix/serve.py): each row's
+    nucleus found among its `candidates` likeliest tokens (torch.topk) rather than by sorting the whole vocabulary;
+    a row whose nucleus may reach past them is sorted as the reference does. The nucleus is a prefix of the sorted
+    order and the mass before each of its tokens is summed in the same order, so the probabilities are the same
+    (up to which of two exactly tied tokens is kept at the nucleus's edge). On the offline model's own logits
+    (temperature 0.8, top_p 0.9) the median nucleus is 57 tokens and 90% are under 1,621; 8 rows of GPT-2's
+    vocabulary: the sort 75 ms, topk(1024) 6.5 ms (one loaded CPU thread: development measurements)."""
+    from minprefix.generate import probabilities as reference
+    if top_p is None or top_p >= 1 or logits.size(-1) <= candidates:
+        return reference(logits, temperature, top_k, top_p)
+    probs = reference(logits, temperature, top_k)  # temperature and top-k as the reference applies them
+    top, order = probs.topk(candidates)  # (B, candidates), likeliest first
+    before = top.cumsum(dim=-1) - top  # the mass before each token, as the reference sums it
+    keep = before < top_p
+    keep[:, 0] = True  # the likeliest token always stays
+    out = torch.zeros_like(probs).scatter(-1, order, top.masked_fill(~keep, 0.0))
+    wide = (~(before[:, -1] >= top_p)).nonzero()[:, 0]  # rows whose nucleus may go on past the candidates
+    if len(wide):
+        out[wide] = reference(logits[wide], temperature, top_k, top_p)
+    return out
 
 
 class StaticSteps:

@@ -24,6 +24,11 @@ def check_sampling(temperature=1.0, top_k=None, top_p=None):
 def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):  # logits (B, V) -> tokens (B, 1)
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
+    return torch.multinomial(probabilities(logits, temperature, top_k, top_p), 1, generator=generator)
+
+
+def probabilities(logits, temperature=1.0, top_k=None, top_p=None):
+    """logits (B, V) -> the distribution sample() draws from (B, V), for temperature > 0."""
     logits = logits / temperature
     if top_k is not None:  # keep the k likeliest (and any tied with the k-th), as HF does
         kth = logits.topk(min(top_k, logits.size(-1))).values[:, -1:]
@@ -34,7 +39,7 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):  # 
         drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # the mass before a token already reaches top_p
         drop[:, 0] = False  # the likeliest token always stays
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
-    return torch.multinomial(probs, 1, generator=generator)
+    return probs
 
 
 def check_prompt(model, cache, idx, real):
@@ -146,10 +151,24 @@ def stream(model, idx, max_new_tokens=50, kv_cache=None, real=None, temperature=
     (minprefix/tone.py), token number j -> None, or (model, prefix cache) to write token j with."""
     check_sampling(temperature, top_k, top_p)
     check_lengths(max_new_tokens, min_new_tokens)
+    n, logits, step = start(model, idx, max_new_tokens, kv_cache, real, tone, keep)
+    if n == 0:
+        return
+    yield from decode(logits, step, n, temperature, top_k, top_p, eot, seed, min_new_tokens)
+
+
+@torch.no_grad()
+def start(model, idx, max_new_tokens=50, kv_cache=None, real=None, tone=None, keep=KEEP):
+    """stream's first half, for a caller that picks the tokens itself (minprefix/serve.py: each row its own
+    sampling settings): -> (n, logits (B, V) of the token after the prompt, step: tokens (B, 1) -> the next logits
+    (B, V)). n: max_new_tokens, once the prompt is known to fit (check_prompt); with n == 0, logits and step are
+    None. Call step under torch.no_grad(), at most n - 1 times: past the context's end it re-encodes (Window),
+    and with a tone it changes the mix before the tokens the schedule says."""
     prefix = KVCache() if kv_cache is None else kv_cache
     check_prompt(model, prefix, idx, real)
-    if max_new_tokens <= 0:
-        return
+    n = max(0, max_new_tokens)
+    if n == 0:
+        return 0, None, None
     window = Window(model, prefix, idx, real, keep)
     cache = prefix.copy()
     logits = model(idx, cache, real)[:, -1]  # the prompt at once; with left padding every row ends at T-1: (B, V)
@@ -170,7 +189,7 @@ def stream(model, idx, max_new_tokens=50, kv_cache=None, real=None, temperature=
         cache = prefix.copy()
         return model(tail_idx, cache, tail_real)[:, -1]
 
-    yield from decode(logits, step, max_new_tokens, temperature, top_k, top_p, eot, seed, min_new_tokens)
+    return n, logits, step
 
 
 def generate(model, idx, max_new_tokens=50, num_beams=1, *, eot, **kw):
