@@ -14,9 +14,10 @@ alpha * positive + (1 - alpha) * negative; --weights: one weight per label).
 
 The checkpoint is the one train.py wrote last (weights/latest), unless --prefix names another. Prompts of
 different lengths are decoded together, padded on the left with an attention mask that hides the padding and
-positions that skip it (minprefix/gpt2.py), so each prompt is continued as it would be alone. --stream decodes
-one sample at a time (each printed as it is written); otherwise up to --batch-size rows at once. A text longer
-than the model's window (1,024 positions for GPT-2) keeps its prefix and its last half, encoded again (docs/long.md).
+positions that skip it (minprefix/gpt2.py), so each prompt is continued as it would be alone (up to the window's
+end). --stream decodes one sample at a time (each printed as it is written); otherwise up to --batch-size rows at
+once. A text longer than the model's window (1,024 positions for GPT-2) keeps its prefix and its last half,
+encoded again: a batch's rows all at once, when the longest reaches the end (docs/long.md).
 """
 import argparse
 import json
