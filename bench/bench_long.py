@@ -72,7 +72,8 @@ def main():
     print(f"{args.model} ({args.dtype}), fast path, batch {args.batch}, a 10-position prefix, {args.tokens} new tokens "
           f"a round; window {model.config.n_positions} positions: re-encoded after {positions - idx.size(1) + 1} "
           f"tokens, then every {positions - keep} ({keep} tokens kept)")
-    print(f"{machine()}, {torch.get_num_threads()} threads; torch {torch.__version__}")
+    threads = torch.get_num_threads()
+    print(f"{machine()}, {threads} thread{'s' if threads > 1 else ''}; torch {torch.__version__}")
     one_round(model, idx, cache, 50, 0, tok.eot)  # warm-up: the packed weights, the allocator
     early, whole, ratio, step, reencode = [], [], [], [], []
     for r in range(args.rounds):

@@ -45,29 +45,34 @@ PROMPTS = NEUTRAL_PROMPTS + MOVIE_PROMPTS
 
 
 def conditions(args):
-    """-> {name: (alpha schedule, boost)}, in the order they run."""
+    """-> {name: (alpha schedule, boost, guidance)}, in the order they run."""
     out = {}
     for boost in args.boosts:
         for alpha in args.alphas:
-            out[name(f"alpha {alpha:g}", boost)] = (f"{alpha:g}", boost)
+            out[name(f"alpha {alpha:g}", boost)] = (f"{alpha:g}", boost, 0.0)
+    for strength in args.guidance:
+        for alpha in args.alphas:
+            out[name(f"alpha {alpha:g}", 0.0, strength)] = (f"{alpha:g}", 0.0, strength)
     if args.schedule:
-        out[name(f"schedule {args.schedule}", args.boosts[-1])] = (args.schedule, args.boosts[-1])
+        boost, strength = (0.0, args.guidance[-1]) if args.schedule_with == "guidance" else (args.boosts[-1], 0.0)
+        out[name(f"schedule {args.schedule}", boost, strength)] = (args.schedule, boost, strength)
     return out
 
 
-def name(what, boost):
-    return what + (f", boost {boost:g}" if boost else "")
+def name(what, boost, guidance=0.0):
+    return what + (f", boost {boost:g}" if boost else "") + (f", guidance {guidance:g}" if guidance else "")
 
 
-def write(model, method, labels, schedule, boost, args, tok):
-    """-> the texts' new tokens, one list per sample."""
+def write(model, method, labels, schedule, boost, guidance, args, tok):
+    """-> the texts' new tokens, one list per sample. guidance: at the logits (minprefix/guidance.py, its default
+    anchor, the bare model), each sample decoded as three rows."""
     rows = [[tok.eot] + tok.encode(PROMPTS[i % len(PROMPTS)]) for i in range(args.samples)]
     out = [[] for _ in rows]
-    bar = tqdm(total=args.tokens, desc=f"  {schedule}, boost {boost:g}", unit="tok", leave=False)
+    bar = tqdm(total=args.tokens, desc=f"  {name(schedule, boost, guidance)}", unit="tok", leave=False)
     for start in range(0, len(rows), args.batch_size):
         batch = rows[start:start + args.batch_size]
         idx, real = pad_left(batch, tok.eot)
-        tone = Tone(method, model, labels, parse_schedule(schedule, extrapolate=True), len(batch))
+        tone = Tone(method, model, labels, parse_schedule(schedule, extrapolate=True), len(batch), guidance)
         run, cache = tone.start()
         cache = cache.boosted(boost)
         bar.reset()
@@ -134,7 +139,9 @@ def machine():
         amx = "amx_bf16" in info.split()
     except (OSError, StopIteration):
         amx = None
-    return f"{name}, {'with' if amx else 'without' if amx is False else 'AMX unknown,'} AMX, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    return (f"{name}, {'with' if amx else 'without' if amx is False else 'AMX unknown,'} AMX, {threads} "
+            f"thread{'s' if threads > 1 else ''}")
 
 
 def table(results, args):
@@ -150,7 +157,7 @@ def table(results, args):
               "| condition | " + " | ".join(head) + " | last - first |", "|---" * (k + 2) + "|"]
     for n in names:
         s = results["conditions"][n]["summary"]
-        if s[0]["share"] is None:
+        if s[0]["share"] is None or n.startswith("schedule"):
             continue
         cells = [f"{x['share']:.0%} [{x['share_ci'][0]:.0%}-{x['share_ci'][1]:.0%}]" for x in s]
         lines.append(f"| {n} | " + " | ".join(cells) + f" | {100 * (s[-1]['share'] - s[0]['share']):+.0f} pts |")
@@ -181,12 +188,12 @@ def table(results, args):
 def verdicts(results, args):
     """The issue's 'done when', read off the results."""
     c, out = results["conditions"], []
-    for boost in args.boosts:
+    for boost, strength in [(b, 0.0) for b in args.boosts] + [(0.0, g) for g in args.guidance]:
         for alpha, side in ((1, "positive"), (0, "negative")):
-            tag = name(f"alpha {alpha}", boost)
+            tag = name(f"alpha {alpha}", boost, strength)
             s = c.get(tag, {}).get("summary")
             if s:
-                drop = 100 * (s[0]["share"] - s[-1]["share"])
+                drop = round(100 * (s[0]["share"] - s[-1]["share"]), 6)  # points, as a share of whole samples
                 ok = s[-1]["share"] >= 0.7 and drop <= 15
                 out.append(f"- {tag}: last stretch {side} in {s[-1]['share']:.0%} of samples (first "
                            f"{s[0]['share']:.0%}, {drop:+.0f} points lost): {'meets' if ok else 'misses'} >= 70% "
@@ -214,10 +221,10 @@ def plot(results, args, path):
             continue
         s, alpha = v["summary"], n.split(",")[0].split()[1]
         x = mid(len(s))
-        style = "--" if "boost" in n else "-"
+        style = "--" if "boost" in n else ":" if "guidance" in n else "-"
         axes[0].plot(x, [p["mean"] for p in s], style, color=colors.get(alpha, "k"), marker="o", label=n)
         axes[0].fill_between(x, [p["ci"][0] for p in s], [p["ci"][1] for p in s], color=colors.get(alpha, "k"), alpha=0.12)
-    axes[0].set(title="tone over the text (solid: plain prefix, dashed: boosted)", xlabel="new tokens",
+    axes[0].set(title="tone over the text (solid: plain prefix, dashed: boosted, dotted: guided)", xlabel="new tokens",
                 ylabel="VADER score per stretch (mean, 95% interval)")
     axes[0].axhline(0, color="k", lw=0.5)
     axes[0].legend(fontsize=7)
@@ -246,7 +253,7 @@ def plot(results, args, path):
         for layer in range(a.size(1)):
             axes[2].plot(mid(a.size(0)), a[:, layer], "--" if "boost" in n else "-", color=cmap(layer / a.size(1)),
                          label=f"layer {layer}" if n == "alpha 1" else None)
-    axes[2].set(title="attention on the prefix (solid: plain, dashed: boosted; alpha 0 and 1)", xlabel="new tokens",
+    axes[2].set(title="attention on the prefix (solid: plain; dashed: boosted)", xlabel="new tokens",
                 ylabel="share of each layer's attention", yscale="log")
     axes[2].legend(fontsize=7, ncol=2)
     fig.suptitle(f"{results['describe']} on the offline stand-in (NOT GPT-2), {args.samples} samples a condition; "
@@ -268,6 +275,10 @@ def main():
                    "extrapolated) (default: %(default)s)")
     p.add_argument("--boosts", type=float, nargs="+", default=[0.0, 2.0], help="sample.py's --prefix-boost: each alpha "
                    "with each; the schedule with the last (default: %(default)s)")
+    p.add_argument("--guidance", type=float, nargs="*", default=[], help="sample.py's --guidance: each alpha with each "
+                   "strength, no boost (default: none)")
+    p.add_argument("--schedule-with", choices=("boost", "guidance"), default="boost", help="the schedule's remedy: "
+                   "the last --boosts or the last --guidance (default: %(default)s)")
     p.add_argument("--schedule", default="0:0,2000:1", help="the --alpha schedule written with the last boost; '' for "
                    "none (default: %(default)s)")
     p.add_argument("--attention-samples", type=int, default=4, help="texts of alpha 0 and 1 whose attention is "
@@ -296,22 +307,22 @@ def main():
         model = fast.decoding_model(meta["base_model"])
         method, meta = load(args.prefix, model)
         results.update(describe=describe(meta), machine=machine())
-        for name, (schedule, boost) in conditions(args).items():
-            done = results["conditions"].get(name, {})
-            if (args.only and name not in args.only) or done.get("samples") == args.samples:
+        for cond, (schedule, boost, guidance) in conditions(args).items():
+            done = results["conditions"].get(cond, {})
+            if (args.only and cond not in args.only) or done.get("samples") == args.samples:
                 continue
-            print(f"{name}: {args.samples} texts of {args.tokens} tokens", flush=True)
+            print(f"{cond}: {args.samples} texts of {args.tokens} tokens", flush=True)
             t0 = time.time()
-            texts = write(model, method, meta["labels"], schedule, boost, args, tok)
+            texts = write(model, method, meta["labels"], schedule, boost, guidance, args, tok)
             seconds = time.time() - t0
             scores = judge_stretches(texts, judge, tok, args.stretch)
-            entry = {"alpha": schedule, "boost": boost, "samples": args.samples, "seconds": seconds,
+            entry = {"alpha": schedule, "boost": boost, "guidance": guidance, "samples": args.samples, "seconds": seconds,
                      "scores": scores, "summary": summarise(scores, parse_schedule(schedule, extrapolate=True).at(0)),
                      "perplexity": stretch_perplexity(model, texts, args.stretch, tok.eot),
                      "texts": [tok.decode(t) for t in texts]}
-            if schedule in ("0", "1"):
+            if schedule in ("0", "1") and not guidance:
                 entry["attention"] = attention(model, method, meta["labels"], schedule, boost, texts, args, tok)
-            results["conditions"][name] = entry
+            results["conditions"][cond] = entry
             with open(path + ".tmp", "w") as f:
                 json.dump(results, f)
             os.replace(path + ".tmp", path)

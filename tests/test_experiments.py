@@ -68,7 +68,7 @@ def test_long_study_reads_each_stretch_and_the_issues_bar():
     assert [x["share"] for x in s] == [0.5, 0.25] and s[0]["mean"] == pytest.approx(0.3025)
     assert [x["share"] for x in study.summarise([[0.9, -0.5, -0.2, 0.01]], alpha=0.0)] == [0.5]
     assert study.summarise([[0.9, -0.5]], alpha=0.5)[0]["share"] is None  # no direction asked for
-    args = argparse.Namespace(boosts=[0.0, 2.0])
+    args = argparse.Namespace(boosts=[0.0, 2.0], guidance=[])
     up = study.summarise([[-0.9, -0.8, -0.7], [0.0, 0.1, -0.1], [0.8, 0.9, 0.7]], alpha=0.0)
     results = {"conditions": {
         "alpha 1": {"summary": study.summarise([[0.9] * 10, [0.9] * 7 + [-0.9] * 3], 1.0)},
