@@ -6,6 +6,8 @@ checkpoint's order).
   python sample.py --alpha 0.5 --prompt "The labs"   # halfway; at a terminal the text appears as it is written
   python sample.py --sentiment negative --n 5        # each sample is printed as soon as it ends
   python sample.py --prompts-file prompts.txt --output out.jsonl --temperature 0   # many prompts, batched
+  python sample.py --alpha 0:0,600:1 --max-new-tokens 1000 --min-new-tokens 1000  # a story that turns from bleak
+                                                     # to bright, past the model's window (docs/long.md)
   python sample.py --prefix weights/e2e-prefix.safetensors --num-beams 5 \\
       --prompt "name : The Eagle | Type : pub | area : riverside"        # a source -> text prefix: the prompt is the source
   python sample.py --prefix ../shared/models/imdb-gpt2-19m --prompt "The labs"   # a model folder alone, no prefix
@@ -13,8 +15,10 @@ checkpoint's order).
 
 The checkpoint is the one train.py wrote last (weights/latest), unless --prefix names another. Prompts of
 different lengths are decoded together, padded on the left with an attention mask that hides the padding and
-positions that skip it (minprefix/gpt2.py), so each prompt is continued as it would be alone. --stream decodes
-one sample at a time (each printed as it is written); otherwise up to --batch-size rows at once.
+positions that skip it (minprefix/gpt2.py), so each prompt is continued as it would be alone (up to the window's
+end). --stream decodes one sample at a time (each printed as it is written); otherwise up to --batch-size rows at
+once. A text longer than the model's window (1,024 positions for GPT-2) keeps its prefix and its last half,
+encoded again: a batch's rows all at once, when the longest reaches the end (docs/long.md).
 """
 import argparse
 import json
@@ -31,6 +35,7 @@ from minprefix.generate import pad_left, stream
 from minprefix.guidance import ANCHORS, DEFAULT_ANCHOR, DEFAULT_STRENGTH, guide
 from minprefix.method import latest, load, read_meta
 from minprefix.prefix import DEFAULT_CHECKPOINT, mix_weights
+from minprefix.tone import Tone, parse_schedule
 
 SAMPLING = {"temperature": 0.8, "top_p": 0.9, "top_k": None, "seed": 0}  # defaults when sampling, not with beams
 
@@ -42,10 +47,10 @@ def parser():
                    f"writes alone, no prefix (the baseline) (default: the one train.py wrote last, else "
                    f"{DEFAULT_CHECKPOINT})")
     tone = p.add_mutually_exclusive_group()
-    tone.add_argument("--alpha", type=float, help="weight of the label called positive, the other label getting "
-                      "1 - alpha: 1.0 positive, 0.0 negative, whatever order the checkpoint stores its labels in; "
-                      "for two labels one of which is called positive (else --weights) (default: an even mix of "
-                      "two labels)")
+    tone.add_argument("--alpha", help="weight of the label called positive against the other: 1.0 positive, 0.0 "
+                      "negative, whatever order the checkpoint stores its labels in (default: 0.5 with two labels); or a schedule over the new tokens, TOKEN:ALPHA points, "
+                      "e.g. 0:0,600:1 (0 at the first token rising linearly to 1 at token 600, then held; "
+                      "minprefix/tone.py)")
     tone.add_argument("--sentiment", help="one label alone, by name, e.g. positive")
     tone.add_argument("--weights", help="one weight per label, comma-separated, in the checkpoint's label order "
                       "(the order the first line of the output shows, e.g. 0.5*positive, 0.5*negative)")
@@ -63,19 +68,23 @@ def parser():
     src.add_argument("--prompts-file", help="one prompt per line ('-': standard input; blank lines are skipped, and "
                      "said so), decoded in batches, printed in the file's order")
     p.add_argument("--output", help="also write JSON Lines, one per sample: {\"index\", \"prompt_index\", \"sample\", "
-                   "\"prompt\", \"alpha\" or \"weights\", \"text\"} (and \"line\" with --prompts-file)")
+                   "\"prompt\", \"alpha\" or \"weights\", \"text\", \"new_tokens\"} (and \"line\" with --prompts-file)")
     p.add_argument("--n", type=int, help="samples per prompt (default: 3; 1 with --prompts-file or --num-beams; "
                    "with --num-beams, the n best hypotheses)")
     p.add_argument("--batch-size", type=int, default=16, help="rows decoded together (default: %(default)s)")
-    p.add_argument("--max-new-tokens", type=int, help="(default: 60; 100 for a source -> text checkpoint with beams)")
+    p.add_argument("--max-new-tokens", type=int, help="new tokens per sample, past the model's window if need be "
+                   "(beam search stops at it, and says so) (default: 60; 100 for a source -> text checkpoint with beams)")
     p.add_argument("--temperature", type=float, help="0 for greedy (default: 0.8; not with --num-beams)")
     p.add_argument("--top-k", type=int, help="keep the k likeliest tokens (default: off; not with --num-beams)")
     p.add_argument("--top-p", type=float, help="nucleus sampling mass in (0, 1], 1 for off (default: 0.9; not with "
                    "--num-beams)")
     p.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams instead of sampling "
                    "(as the paper decodes E2E: 5) (default: %(default)s)")
-    p.add_argument("--min-new-tokens", type=int, help="beam search: hold <|endoftext|> back for this many tokens "
-                   "(default: 0; 5 for a source -> text checkpoint, as eval.py --task e2e)")
+    p.add_argument("--min-new-tokens", type=int, help="hold <|endoftext|> back for this many tokens, so that a sample "
+                   "is at least that long (default: 0; with beams and a source -> text checkpoint 5, as eval.py --task e2e)")
+    p.add_argument("--prefix-boost", type=float, default=0.0, help="hold the prefix's tone over long texts: its "
+                   "keys weigh 1 + B * n / P times more in attention, n the text's positions so far, P the prefix's "
+                   "(DTPA-style; docs/long.md measures it); prefixes only (default: 0, off)")
     p.add_argument("--allow-newlines", action="store_true", help="beam search with a source -> text checkpoint: "
                    "do not ban the newline tokens, \"\\n\" and \"\\n\\n\" (GPT-2's 198 and 628; the paper bans them)")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
@@ -143,7 +152,8 @@ def read_prompts(path):
 
 
 def tone(p, args, meta, mixes):
-    """-> (mixing weights (1, n_labels), what to record of them in --output)."""
+    """-> (mixing weights (1, n_labels) for the first token, what to record of them in --output, the Schedule
+    where --alpha changes over the tokens, else None)."""
     labels = meta["labels"]
     given = [f for f, v in (("--alpha", args.alpha), ("--sentiment", args.sentiment), ("--weights", args.weights))
              if v is not None]
@@ -152,18 +162,21 @@ def tone(p, args, meta, mixes):
             what = ("a model used as it is" if meta["mode"] == "base" else
                     "a fine-tuned model, one model for every label")
             p.error(f"{given[0]}: {args.prefix} is {what}: it has no labels to mix (train a prefix or a LoRA for that)")
-        return torch.ones(1, 1), {}
+        return torch.ones(1, 1), {}, None
     if args.alpha is not None:
         if len(labels) != 2 or "positive" not in labels:
             p.error(f"--alpha weighs the label called positive against the other one; {args.prefix} has "
                     f"{len(labels)} label{'s' if len(labels) > 1 else ''} ({', '.join(labels)}): "
                     + ("it has nothing to mix" if len(labels) == 1 else
                        "give one weight per label with --weights, in that order"))
-        other = next(l for l in labels if l != "positive")
-        if not 0.0 <= args.alpha <= 1.0 and not args.extrapolate:
-            p.error(f"--alpha must be in [0, 1] (1.0 = positive, 0.0 = {other}), got {args.alpha}; "
-                    f"add --extrapolate to go beyond")
-        return mix_weights(labels, alpha=args.alpha), {"alpha": args.alpha}
+        try:
+            schedule = parse_schedule(args.alpha, args.extrapolate)
+        except ValueError as e:
+            p.error(str(e))
+        if schedule.constant:
+            alpha = schedule.at(0)
+            return mix_weights(labels, alpha=alpha), {"alpha": alpha}, None
+        return mix_weights(labels, alpha=schedule.at(0)), {"alpha": str(schedule)}, schedule
     try:
         w = mix_weights(labels, label=args.sentiment, weights=None if args.weights is None else
                         [float(x) for x in args.weights.split(",")])
@@ -177,8 +190,8 @@ def tone(p, args, meta, mixes):
                 f"mix with --weights (one weight per label)")
     weights = {"weights": dict(zip(labels, w[0].tolist()))}
     if args.sentiment is None and args.weights is None:  # nothing asked: one label alone, or two evenly
-        return w, {} if len(labels) == 1 else {"alpha": 0.5} if "positive" in labels else weights
-    return w, weights
+        return w, {} if len(labels) == 1 else {"alpha": 0.5} if "positive" in labels else weights, None
+    return w, weights, None
 
 
 def main(argv=None):
@@ -199,9 +212,8 @@ def main(argv=None):
                 p.error(f"{flag} does not apply to beam search (--num-beams {args.num_beams}), which is deterministic; "
                         f"drop {flag}, or sample with --num-beams 1")
     else:
-        for flag in ("min_new_tokens", "allow_newlines"):
-            if getattr(args, flag) not in (None, False):
-                p.error(f"--{flag.replace('_', '-')} is for beam search: give --num-beams too")
+        if args.allow_newlines:
+            p.error("--allow-newlines is for beam search: give --num-beams too")
         for name, default in SAMPLING.items():
             if getattr(args, name) is None:
                 setattr(args, name, default)
@@ -213,6 +225,8 @@ def main(argv=None):
                         ("--num-beams", args.num_beams)):
         if value is not None and value < 1:
             p.error(f"{flag} must be at least 1, got {value}")
+    if args.prefix_boost < 0:
+        p.error(f"--prefix-boost must be >= 0 (0 is off), got {args.prefix_boost}")
     if beams and args.n > args.num_beams:
         p.error(f"--n {args.n}: beam search keeps {args.num_beams} hypotheses per prompt; ask for at most that many")
     if not beams:
@@ -230,7 +244,7 @@ def main(argv=None):
     conditional = bool(meta["info"].get("conditional"))
     model = fast.decoding_model(args.model or meta["base_model"], args.dtype, args.device)
     method, meta = load(args.prefix, model)  # now checked against the base model
-    weights, recorded = tone(p, args, meta, method.mixes)
+    weights, recorded, schedule = tone(p, args, meta, method.mixes)
     if args.guidance is None:
         args.guidance = DEFAULT_STRENGTH if method.mixes and len(meta["labels"]) > 1 and not beams else 0.0
     elif args.guidance and not (method.mixes and len(meta["labels"]) > 1):
@@ -244,9 +258,16 @@ def main(argv=None):
     e2e = conditional and beams  # decode as eval.py --task e2e does, unless told otherwise
     if args.max_new_tokens is None:
         args.max_new_tokens = DECODING["max_new_tokens"] if e2e else 60
+    if args.min_new_tokens is not None and not 0 <= args.min_new_tokens <= args.max_new_tokens:
+        p.error(f"--min-new-tokens must be between 0 and --max-new-tokens ({args.max_new_tokens}), got "
+                f"{args.min_new_tokens}")
+    if schedule is not None and beams:
+        p.error(f"--alpha {args.alpha}: a schedule is for sampling; beam search keeps one mix (give one number)")
     device = model.device
     tok = Tokenizer.for_model(model.name_or_path)  # the model folder's own BPE, else GPT-2's
     mix = ", ".join(f"{w:g}*{l}" for w, l in zip(weights[0].tolist(), meta["labels"])) if method.mixes else "no mix"
+    if schedule is not None:
+        mix = f"alpha {schedule} over the new tokens (first token: {mix})"
     print(f"# {meta['mode']} {args.prefix} on {model.name_or_path}: {mix}"
           + (f", guidance {args.guidance:g} from "
              + ("the bare model" if args.guide_from == "bare" else "the K/V mix") if args.guidance else ""), flush=True)
@@ -256,14 +277,22 @@ def main(argv=None):
     ids = [source_prompt(tok, q) if conditional else [tok.eot] + tok.encode(q) for _, q in rows]
     streaming = args.stream if args.stream is not None else (sys.stdout.isatty() and len(rows) == 1 and not beams)
     texts = [[] for _ in rows]  # per row: its samples (n hypotheses with beams, else one)
+    lengths = [[] for _ in rows]  # and their lengths in new tokens
     batch_size = 1 if streaming else args.batch_size
     in_order = args.prompts_file and not streaming  # printed at the end, in the file's order
     label = lambda r, j: r * n + j + 1 if one else r + 1  # the sample's number, as printed: [k]
     for start in range(0, len(rows), batch_size):
         batch = list(range(start, min(start + batch_size, len(rows))))
         idx, real = pad_left([ids[r] for r in batch], tok.eot, device=device)
-        run, cache = guide(method, model, weights.to(device).repeat(len(batch), 1), args.guidance, args.guide_from,
-                           tok.eot)
+        changing = None if schedule is None else Tone(method, model, meta["labels"], schedule, len(batch),
+                                                      args.guidance, args.guide_from, tok.eot)
+        run, cache = changing.start() if changing is not None else \
+            guide(method, model, weights.to(device).repeat(len(batch), 1), args.guidance, args.guide_from, tok.eot)
+        if args.prefix_boost:
+            if cache is None:
+                p.error(f"--prefix-boost amplifies attention to a prefix, and {args.prefix} ({meta['mode']}) puts "
+                        f"none before the text: drop it")
+            cache = cache.boosted(args.prefix_boost)
         if beams:
             settings = dict(min_new_tokens=args.min_new_tokens if args.min_new_tokens is not None else
                             (DECODING["min_new_tokens"] if e2e else 0),
@@ -273,11 +302,14 @@ def main(argv=None):
                                **settings, **pieces)
             for r, hyps in zip(batch, found):
                 for j, (_, new) in enumerate(hyps[:n]):
-                    texts[r].append(tok.decode(new[:-1] if new[-1:] == [tok.eot] else new))
+                    new = new[:-1] if new[-1:] == [tok.eot] else new
+                    texts[r].append(tok.decode(new))
+                    lengths[r].append(len(new))
                     show(label(r, j), rows[r][1], texts[r][-1], conditional, not in_order)
             continue
         steps = (fast.stream if fast.enabled() else stream)(run, idx, args.max_new_tokens, kv_cache=cache, real=real, seed=args.seed + start,
-                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eot=tok.eot)
+                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eot=tok.eot,
+                              min_new_tokens=args.min_new_tokens or 0, tone=changing)
         if streaming:  # one row: print each piece of text as soon as its characters are whole
             r = batch[0]
             print(f"[{r + 1}] {'' if conditional else rows[r][1]}", end="", flush=True)
@@ -289,6 +321,7 @@ def main(argv=None):
                 print(piece(new[-1]), end="", flush=True)
             print()
             texts[r].append(tok.decode(new))
+            lengths[r].append(len(new))
             continue
         # several rows: print each as soon as it has written <|endoftext|> (or run out of tokens), with its number
         done, tokens = set(), [[] for _ in batch]
@@ -302,24 +335,27 @@ def main(argv=None):
                     tokens[j].append(t)
                     continue
                 texts[batch[j]].append(tok.decode(tokens[j]))
+                lengths[batch[j]].append(len(tokens[j]))
                 show(batch[j] + 1, rows[batch[j]][1], texts[batch[j]][0], conditional, not in_order)
         for j in range(len(batch)):
             if j not in done:
                 texts[batch[j]].append(tok.decode(tokens[j]))
+                lengths[batch[j]].append(len(tokens[j]))
                 show(batch[j] + 1, rows[batch[j]][1], texts[batch[j]][0], conditional, not in_order)
         if args.prompts_file:
             print(f"# {batch[-1] + 1} of {len(rows)} done", file=sys.stderr, flush=True)
-    samples = [(r, j, text) for r in range(len(rows)) for j, text in enumerate(texts[r])]
+    samples = [(r, j, text, length) for r in range(len(rows))
+               for j, (text, length) in enumerate(zip(texts[r], lengths[r]))]
     if in_order:  # in the file's order, once all are done
-        for r, j, text in samples:
+        for r, j, text, _ in samples:
             show(label(r, j), rows[r][1], text, conditional)
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
-            for k, (r, j, text) in enumerate(samples):
+            for k, (r, j, text, length) in enumerate(samples):
                 i = rows[r][0]
                 row = {"index": k, "prompt_index": i, "sample": j if one else r % n,
                        **({"line": prompts[i][0]} if args.prompts_file else {}), "prompt": rows[r][1], **recorded,
-                       "text": text}
+                       "text": text, "new_tokens": length}
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
         print(f"# wrote {len(samples)} samples to {args.output}")
     return 0

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from minprefix import fast
-from minprefix.generate import generate
+from minprefix.generate import KEEP, Window, generate
 from minprefix.guidance import DEFAULT_ANCHOR, guide
 from minprefix.metrics import corpus_bleu, rouge_l, rouge_n
 from minprefix.prefix import mix_weights
@@ -51,6 +51,53 @@ class AfinnJudge:
     def label(self, text):
         s = self.score(text)
         return "positive" if s > 0 else "negative" if s < 0 else "neutral"
+
+
+@torch.no_grad()
+def prefix_attention(model, prefix, prompt, new, keep=KEEP, heads=False):
+    """The share of attention that each layer gives the prefix (the quantity DTPA reports, Yang et al. 2025), for
+    each token a text wrote: prompt and new token lists, prefix the KVCache the text was written from. The text is
+    read again window by window, as generate.Window showed it while writing, one forward pass a window: a query
+    sees the same keys at the same positions as when it was written. -> (len(new), n_layer): at row i, the
+    attention of the query that wrote new token i (the prompt's last, then new token i - 1) on the prefix's
+    positions, a mean over the heads (heads=True: each head's, (len(new), n_layer, n_head))."""
+    P = prefix.length
+    shares = []
+
+    def hook(attn, args, output):  # args as CausalSelfAttention.forward's: x (1, T, C), mask, cache, layer
+        x, mask, cache, layer = args
+        B, T, C = x.shape
+        H = attn.n_head
+        q = attn.c_attn(x)[..., :C].view(B, T, H, C // H).transpose(1, 2)  # (1, H, T, D)
+        k = cache.layers[layer][0]  # (1, H, S+T, D), this pass's keys appended
+        scores = q @ k.transpose(-1, -2) * (C // H) ** -0.5  # (1, H, T, S+T)
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        share = scores.float().softmax(-1)[..., :P].sum(-1)[0].t()  # (T, H)
+        found[layer] = share if heads else share.mean(1)
+
+    window = Window(model, prefix, torch.tensor([prompt]), None, keep)
+    # each pass: the tokens it reads (a prompt or a re-encoded last part, then the tokens fed after it) and its
+    # first query that wrote a token (the prompt's or the part's last; the queries before it wrote nothing)
+    passes, tokens, first = [], list(prompt), len(prompt) - 1
+    for t in new[:-1]:
+        tail = window.push(torch.tensor([[t]]))
+        if tail is None:
+            tokens.append(t)
+            continue
+        passes.append((tokens, first))
+        tokens = tail[0][0].tolist()
+        first = len(tokens) - 1
+    passes.append((tokens, first))
+    handles = [block.attn.register_forward_hook(hook) for block in model.h]
+    try:
+        for tokens, first in passes:
+            found = {}
+            model.hidden(model.wte(torch.tensor([tokens], device=model.device)), prefix.copy())
+            shares.append(torch.stack([found[i] for i in range(len(model.h))], dim=1)[first:])  # (T - first, L)
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.cat(shares)[:len(new)]
 
 
 def split_prompt(text, n_words):

@@ -12,8 +12,9 @@ and is held to the reference by tests/test_fast.py.
                         buffers; on a GPU each step replayed as a
                         CUDA graph
   linear_gelu           F.gelu(c_fc(x)) while decoding              GPT-2 small's c_fc, 50 rows: 0.87 -> 0.74 ms
-  probabilities         generate.probabilities with top_p < 1       8 rows of the offline model's logits, t 0.8,
-                        (the server's sampling): no whole sort      top_p 0.9: 83 -> 26 ms (a development run)
+  probabilities,        generate.probabilities with top_p < 1       8 rows of the offline model's logits, t 0.8,
+  sample                (the server's and stream's sampling): no    top_p 0.9: 83 -> 26 ms (a development run);
+                        sort of the whole vocabulary                bench/bench_long.py times the draw
   beam_search,          beam.CacheSteps and beam.best_pairs         E2E beam search (10 tables x 5 beams):
   StaticSteps,                                                      241.4 -> 471.1 tables/min (3 rounds)
   best_pairs, top_k,                                                alone: top_k 3.1x torch.topk, logsumexp
@@ -44,7 +45,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minprefix.generate import beam_settings, check_sampling, collect, decode, room
+from minprefix.generate import (KEEP, Window, beam_settings, check_lengths, check_prompt, check_sampling, collect,
+                                decode, replace_prefix)
 from minprefix.gpt2 import CausalSelfAttention, KVCache
 from minprefix.guidance import Guided
 from minprefix.prefix import PrefixMLP
@@ -281,14 +283,17 @@ class FloatAttention(CausalSelfAttention):
 def attend(q, k, v, mask):
     """softmax(q k^T / sqrt(D) + mask) v, as a CPU runs it fastest in half precision (one thread, 50 rows x 4
     heads against 60 keys, a beam search step: 0.93 ms in bfloat16's SDPA, 0.29 as the plain products below;
-    training's 25 queries, forward and backward: 0.82 ms, 0.33 in float32). q (B, H, T, D); mask True: attend."""
+    training's 25 queries, forward and backward: 0.82 ms, 0.33 in float32). q (B, H, T, D); mask True: attend, or
+    a float bias added to the scores (the prefix boost, GPT2.hidden)."""
     if q.device.type != "cpu" or q.dtype == torch.float32:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     if q.size(2) == 1:  # decoding: the plain products, in the model's dtype (softmax sums in float32 inside)
         scores = (q @ k.transpose(-1, -2)) * q.size(-1) ** -0.5  # (B, H, 1, S)
         if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
         return scores.softmax(-1) @ v
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask.float()
     return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask).to(q.dtype)
 
 
@@ -428,41 +433,106 @@ def token_nll(model, idx, targets, kv_cache=None):
 
 @torch.no_grad()
 def stream(model, idx, max_new_tokens=50, kv_cache=None, real=None, temperature=1.0, top_k=None, top_p=None,
-           *, eot, seed=None, cuda_graph=None):
-    """generate.stream with two pieces replaced: the prompt's logits only at its last position (the reference
-    computes all T, and on a CPU the lm_head is most of a prompt's cost), and on a GPU each later step
-    replayed as one CUDA graph over a StaticKVCache (cuda_graph: default on a GPU). Same tokens."""
+           *, eot, seed=None, cuda_graph=None, min_new_tokens=0, tone=None, keep=KEEP):
+    """generate.stream with three pieces replaced: the prompt's logits only at its last position (the reference
+    computes all T, and on a CPU the lm_head is most of a prompt's cost), each later step through a StaticKVCache,
+    replayed as one CUDA graph on a GPU (cuda_graph: default on a GPU), and the nucleus drawn without sorting the
+    vocabulary (sample). The same Window past the context's end and the same tone. Same tokens."""
     check_sampling(temperature, top_k, top_p)
-    n, logits, step = start(model, idx, max_new_tokens, kv_cache, real, cuda_graph)
+    check_lengths(max_new_tokens, min_new_tokens)
+    n, logits, step = start(model, idx, max_new_tokens, kv_cache, real, cuda_graph, tone, keep)
     if n == 0:
         return
-    yield from decode(logits, step, n, temperature, top_k, top_p, eot, seed)
+    yield from decode(logits, step, n, temperature, top_k, top_p, eot, seed, min_new_tokens, sample)
 
 
 @torch.no_grad()
-def start(model, idx, max_new_tokens=50, kv_cache=None, real=None, cuda_graph=None):
-    """generate.start with stream's pieces replaced (above): -> (n, logits (B, V), step). Same logits."""
-    cache = KVCache() if kv_cache is None else kv_cache.copy()
-    n = room(model, cache, idx, real, max_new_tokens)
+def start(model, idx, max_new_tokens=50, kv_cache=None, real=None, cuda_graph=None, tone=None, keep=KEEP):
+    """generate.start with stream's pieces replaced (above): -> (n, logits (B, V), step). Same logits. Past the
+    context's end a new StaticKVCache is built from each re-encoding (generate.Window's); a tone's new prefix is
+    written over the buffers' first P slots in place."""
+    prefix = KVCache() if kv_cache is None else kv_cache
+    check_prompt(model, prefix, idx, real)
+    n = max(0, max_new_tokens)
     if n == 0:
         return 0, None, None
-    guided = model if isinstance(model, Guided) else None  # guidance: its rows decoded here, in one batch
-    if guided is not None:
-        model, idx, real = guided.model, guided.expand(idx), None if real is None else guided.expand(real)
-        guided.probabilities = probabilities  # the anchor's nucleus through the faster piece below
-    logits = model.lm_head(model.hidden(model.wte(idx), cache, real)[:, -1])  # (B, V)
     graph = idx.is_cuda if cuda_graph is None else cuda_graph
-    if graph and n > 1:
-        step = StaticKVCache(cache, capacity=cache.length + n - 1).graph_step(model, capture=idx.is_cuda)
-    elif not idx.is_cuda and n > 1:
-        static = StaticKVCache(cache, capacity=cache.length + n - 1)
-        step = lambda x: static.cpu_step(model, x)
-    else:
-        step = lambda x: model.lm_head(model.hidden(model.wte(x), cache)[:, -1])
-    if guided is not None:
-        logits, rows = guided.combine(logits), step
-        step = lambda x: guided.combine(rows(guided.expand(x)))
+    window = Window(model, prefix, idx, real, keep)
+    guided, rows = unwrap(model)  # guidance: its rows decoded here, in one batch
+    logits, steps = encode(guided, rows, prefix, idx, real, min(n - 1, window.left()), graph)
+    written = 0
+
+    def step(x):  # as generate.start's step
+        nonlocal guided, rows, prefix, steps, written
+        written += 1
+        change = tone(written) if tone is not None else None
+        if change is not None:
+            guided, rows = unwrap(change[0])
+            prefix = KVCache() if change[1] is None else change[1].boosted(prefix.boost)
+            steps.retone(rows, prefix)
+        tail = window.push(x)
+        if tail is None:
+            return steps(x) if guided is None else guided.combine(steps(guided.expand(x)))
+        tail_idx, tail_real = tail  # the context is full: a new static cache from the prefix and the text's last part
+        new_logits, steps = encode(guided, rows, prefix, tail_idx, tail_real, min(n - 1 - written, window.left()),
+                                   graph)
+        return new_logits
+
     return n, logits, step
+
+
+def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """generate.sample drawing from probabilities() (below) instead of generate.probabilities: the same tokens, and
+    no sort of the whole vocabulary where top_p < 1 (the offline model, 24 rows at sample.py's temperature 0.8 and
+    top_p 0.9: a sampled step 0.40 -> 0.13 s on one loaded thread of the 2-core Xeon, a development measurement;
+    bench/bench_long.py times the draw alone)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    return torch.multinomial(probabilities(logits, temperature, top_k, top_p), 1, generator=generator)
+
+
+def unwrap(model):  # -> (the guidance.Guided wrapper or None, the model whose rows are decoded)
+    if not isinstance(model, Guided):
+        return None, model
+    model.probabilities = probabilities  # the anchor's nucleus through the faster piece below
+    return model, model.model
+
+
+def encode(guided, model, prefix, idx, real, n, graph):
+    """The prompt (or a window's last part) after the prefix -> (its last position's logits (B, V), Steps: up to n
+    tokens fed one at a time). guided: the rows of guidance's wrapper, expanded here and combined into B."""
+    if guided is not None:
+        idx, real = guided.expand(idx), None if real is None else guided.expand(real)
+    cache = prefix.copy()
+    logits = model.lm_head(model.hidden(model.wte(idx), cache, real)[:, -1])  # (rows, V)
+    return logits if guided is None else guided.combine(logits), Steps(model, cache, n, graph, idx.is_cuda)
+
+
+class Steps:
+    """One token at a time after encode(): through a StaticKVCache (a CUDA graph of its step on a GPU; its CPU step
+    on a CPU), or the reference's KVCache where there is one token at most to feed. retone: a new mix (the prefix's
+    positions rewritten in place; a new model's graph captured again)."""
+
+    def __init__(self, model, cache, n, graph, cuda):
+        self.model, self.cache, self.graph, self.cuda = model, cache, graph, cuda
+        self.static = StaticKVCache(cache, capacity=cache.length + n) if n > 0 and (graph or not cuda) else None
+        self.replay = self.static.graph_step(model, capture=cuda) if self.static is not None and graph else None
+
+    def __call__(self, x):  # x (B, 1) -> logits (B, V)
+        if self.replay is not None:
+            return self.replay(x)
+        if self.static is not None:
+            return self.static.cpu_step(self.model, x)
+        return self.model.lm_head(self.model.hidden(self.model.wte(x), self.cache)[:, -1])
+
+    def retone(self, model, prefix):
+        changed, self.model = model is not self.model, model
+        if self.static is None:
+            self.cache = replace_prefix(self.cache, prefix)
+            return
+        self.static.replace_prefix(prefix)
+        if self.replay is not None and changed:  # the graph holds the old model's weights
+            self.replay = self.static.graph_step(model, capture=self.cuda)
 
 
 def generate(model, idx, max_new_tokens=50, num_beams=1, *, eot, **kw):
@@ -590,11 +660,28 @@ class StaticKVCache:
         self.n = S  # the same, on the host (the CPU step)
         self.position = self.real.sum(1, keepdim=True) if cache.real is not None else \
             torch.full((B, 1), S, device=k0.device)  # (B, 1): the next token's position in its row
+        self.boost, self.prefix_len = cache.boost, cache.prefix_len  # as GPT2.hidden reads them
+
+    def bias(self, real):
+        """real (B, S): the keys a step sees -> GPT2.hidden's prefix boost as a float mask (B, 1, 1, S): -inf where
+        not real, log(1 + boost * n / P) on the prefix's P keys, n the text's positions the new token sees."""
+        P = self.prefix_len
+        factor = 1 + self.boost * (self.position - P + 1).clamp(min=1) / P  # (B, 1)
+        bias = torch.zeros(real.shape, device=real.device).masked_fill(~real, float("-inf"))
+        bias[:, :P] += factor.log()
+        return bias[:, None, None, :].to(self.k[0].dtype)
+
+    def replace_prefix(self, prefix):  # generate.replace_prefix, in place: the first P slots take prefix's
+        for buffers, pairs in ((self.k, [k for k, _ in prefix.layers]), (self.v, [v for _, v in prefix.layers])):
+            for t, p in zip(buffers, pairs):
+                t[:, :, :p.size(2)] = p
 
     def step(self, model, x):  # x (B, 1) -> logits (B, V); writes the token's keys and values, moves on by one
         B, C, nh = x.size(0), model.config.n_embd, model.config.n_head
         self.real.index_fill_(1, self.slot, True)
         mask = self.real[:, None, None, :]  # (B, 1, 1, capacity): the new token sees every real slot so far
+        if self.boost:
+            mask = self.bias(self.real)
         h = model.wte(x) + model.wpe(self.position)  # (B, 1, C)
         for block, ks, vs in zip(model.h, self.k, self.v):
             q, k, v = block.attn.c_attn(block.ln_1(h)).split(C, dim=2)
@@ -634,6 +721,8 @@ class StaticKVCache:
         whole = self.k[0].dtype != torch.float32
         end = self.real.size(1) if whole else n + 1
         mask = self.real[:, None, None, :end] if self.padded or whole else None
+        if self.boost:
+            mask = self.bias(self.real[:, :end])
         h = model.wte(x) + model.wpe(self.position)  # (B, 1, C)
         norm = lambda ln, h: F.layer_norm(h, (C,), ln.weight, ln.bias, ln.eps)  # the modules' forwards, called
         for block, ks, vs in zip(model.h, self.k, self.v):  # directly: a step makes ~100 of these calls

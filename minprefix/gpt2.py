@@ -30,9 +30,11 @@ class KVCache:
     P trained positions) and the tokens already decoded (each step appends one position).
     """
 
-    def __init__(self, layers=(), real=None):
+    def __init__(self, layers=(), real=None, boost=0.0, prefix_len=0):
         self.layers = list(layers)
         self.real = real  # None: every position is real
+        # boost > 0: attention to the first prefix_len positions (the prefix) grows with the text (GPT2.hidden)
+        self.boost, self.prefix_len = boost, prefix_len
 
     @property
     def length(self):  # S
@@ -48,10 +50,14 @@ class KVCache:
         return k, v
 
     def copy(self):  # a cache to extend without changing this one (the tensors are shared, never written)
-        return KVCache(self.layers, self.real)
+        return KVCache(self.layers, self.real, self.boost, self.prefix_len)
 
     def select(self, rows):  # rows (N,) -> the cache of those rows, e.g. the surviving beams
-        return KVCache([(k[rows], v[rows]) for k, v in self.layers], None if self.real is None else self.real[rows])
+        return KVCache([(k[rows], v[rows]) for k, v in self.layers], None if self.real is None else self.real[rows],
+                       self.boost, self.prefix_len)
+
+    def boosted(self, boost):  # -> a copy whose positions so far (the prefix) get attention that grows with the text
+        return KVCache(self.layers, self.real, boost, self.length if boost else 0)
 
 
 class CausalSelfAttention(nn.Module):
@@ -62,7 +68,7 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
 
-    def forward(self, x, mask, kv_cache, layer):  # x (B, T, C), mask (B, 1, T, S+T) -> (B, T, C)
+    def forward(self, x, mask, kv_cache, layer):  # x (B, T, C), mask (B, 1, T, S+T): True seen, or a bias -> (B, T, C)
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
@@ -136,6 +142,14 @@ class GPT2(nn.Module):
         causal = key_index[None, :] <= query_index[:, None]  # (T, S+T)
         itself = key_index[None, :] == query_index[:, None]
         mask = (causal & keys[:, None, :]) | itself  # (B, T, S+T)
+        if cache.boost:  # DTPA-style (Yang et al. 2025, "Dynamic Token-level Prefix Augmentation"): the prefix's P
+            # keys weigh 1 + boost * n / P times more, n the text's positions the query sees, itself included, so
+            # that the prefix's share of attention does not fade as the text grows (docs/long.md)
+            P = cache.prefix_len
+            factor = 1 + cache.boost * (pos - P + 1).clamp(min=1) / P  # (B, T)
+            bias = torch.zeros(B, T, S + T, device=x.device).masked_fill(~mask, float("-inf"))
+            bias[:, :, :P] += factor.log()[:, :, None]
+            mask = bias.to(x.dtype)  # added to q k^T / sqrt(D) in every layer
         x = x + self.wpe(pos)
         for i, block in enumerate(self.h):
             x = block(x, mask[:, None], cache, i)

@@ -230,10 +230,13 @@ def test_max_new_tokens_and_the_context_end(offline_model):
     hyps = hypotheses(offline_model, idx, 5, 12, eot=None)[0]
     assert all(len(t) == 12 for _, t in hyps)  # with no eot every hypothesis runs to max_new_tokens
     assert beam_search(offline_model, idx, 5, 0, eot=EOT) == [[]]
-    # a prefix of 10 and a prompt that leave 4 positions: 4 fed back + the last one picked = 5 tokens, not 50
+    # a prefix of 10 and a prompt that leave 4 positions: 4 fed back + the last one picked = 5 tokens, and asking
+    # for 50 is refused (beam search stops at the context's end), not cut
     cache = review_prefix(offline_model).cache(offline_model, label_weights(1, label=0))
     long = torch.randint(0, EOT, (1, offline_model.config.n_positions - 10 - 4))
-    assert len(beam_search(offline_model, long, 3, 50, kv_cache=cache, eot=None)[0]) == 5
+    assert len(beam_search(offline_model, long, 3, 5, kv_cache=cache, eot=None)[0]) == 5
+    with pytest.raises(ValueError, match="leave room for 5 new tokens, and 50 were asked for"):
+        beam_search(offline_model, long, 3, 50, kv_cache=cache, eot=None)
 
 
 def test_callers_cache_is_left_unchanged(offline_model, prompts):

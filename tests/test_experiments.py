@@ -168,3 +168,26 @@ def test_dial_reuses_an_evaluation_only_for_the_same_checkpoints_model_and_setti
     assert dial.evaluation(folder, ckpts, args, "x") == {"rows": 3}
     assert dial.evaluation(folder, ckpts[:1], args, "x") == {"rows": 4}  # fewer checkpoints
     assert dial.evaluation(folder, ckpts[:1], args, "x") == {"rows": 4} and len(ran) == 4
+
+
+def test_long_study_reads_each_stretch_and_the_issues_bar():
+    """experiments/long.py: a stretch's share is judged in alpha's direction (VADER's thresholds, +-0.05), and the
+    verdict lines read the last stretch against the first, and a schedule's stretches for monotony within intervals."""
+    import argparse
+    import long as study
+    s = study.summarise([[0.9, 0.5, -0.2, 0.01], [0.1, -0.6, -0.9, -0.3]], alpha=1.0)
+    assert [x["share"] for x in s] == [0.5, 0.25] and s[0]["mean"] == pytest.approx(0.3025)
+    assert [x["share"] for x in study.summarise([[0.9, -0.5, -0.2, 0.01]], alpha=0.0)] == [0.5]
+    assert study.summarise([[0.9, -0.5]], alpha=0.5)[0]["share"] is None  # no direction asked for
+    args = argparse.Namespace(boosts=[0.0, 2.0], guidance=[])
+    up = study.summarise([[-0.9, -0.8, -0.7], [0.0, 0.1, -0.1], [0.8, 0.9, 0.7]], alpha=0.0)
+    results = {"conditions": {
+        "alpha 1": {"summary": study.summarise([[0.9] * 10, [0.9] * 7 + [-0.9] * 3], 1.0)},
+        "alpha 0, boost 2": {"summary": study.summarise([[-0.9] * 10, [-0.9] * 9 + [0.9]], 0.0)},
+        "schedule 0:0,500:1, boost 2": {"summary": up}}}
+    lines = study.verdicts(results, args)
+    assert "alpha 1: last stretch positive in 70% of samples (first 100%, +30 points lost): misses" in lines[0]
+    assert "alpha 0, boost 2: last stretch negative in 90% of samples (first 100%, +10 points lost): meets" in lines[1]
+    assert "monotone within the intervals" in lines[2] and "not monotone" not in lines[2]
+    results["conditions"]["schedule 0:0,500:1, boost 2"]["summary"] = up[::-1]
+    assert "not monotone" in study.verdicts(results, args)[2]

@@ -163,11 +163,11 @@ def test_static_cache_at_the_context_edges(fast_model, offline_model):
     assert fast.generate(fast_model, torch.tensor([[50256, 464]]), 0, **kw) == [[]]
     assert fast.generate(fast_model, torch.tensor([[50256, 464]]), 1, **kw) == \
         generate(offline_model, torch.tensor([[50256, 464]]), 1, temperature=0, eot=None)
-    idx = torch.randint(0, 50257, (1, n - 3))
-    assert fast.generate(fast_model, idx, 50, **kw) == generate(offline_model, idx, 50, temperature=0, eot=None)
-    assert len(fast.generate(fast_model, idx, 50, **kw)[0]) == 4
+    idx = torch.randint(0, 50257, (1, n - 3))  # 3 positions left, 8 tokens asked for: re-encoded after the third
+    assert fast.generate(fast_model, idx, 8, **kw) == generate(offline_model, idx, 8, temperature=0, eot=None)
+    assert len(fast.generate(fast_model, idx, 8, **kw)[0]) == 8
     full = torch.randint(0, 50257, (1, n))
-    assert len(fast.generate(fast_model, full, 5, **kw)[0]) == 1
+    assert len(fast.generate(fast_model, full, 5, **kw)[0]) == 5
     with pytest.raises(ValueError, match="exceed the context"):
         fast.generate(fast_model, torch.randint(0, 50257, (1, n + 1)), 5, **kw)
 
@@ -197,7 +197,7 @@ def test_cuda_graph_tokens_equal_eager(offline_model_dir):
     assert fast.generate(model, idx, 48, cuda_graph=True, **kw) == generate(model, idx, 48, **kw)
     n = model.config.n_positions
     full = torch.randint(0, 50257, (1, n), device="cuda")
-    assert len(fast.generate(model, full, 5, temperature=0, eot=None)[0]) == 1
+    assert len(fast.generate(model, full, 5, temperature=0, eot=None)[0]) == 5
     assert fast.generate(model, idx, 0, real=real, eot=EOT) == [[], [], []]
     with pytest.raises(ValueError, match="exceed the context"):
         fast.generate(model, torch.randint(0, 50257, (1, n + 1), device="cuda"), 5, eot=EOT)
@@ -468,3 +468,16 @@ def test_the_library_leaves_malloc_alone_and_the_scripts_opt_in(offline_model_di
     assert asked.count("mallopt") == 1
     assert sample.main(["--prefix", str(tmp_path / "q.safetensors"), "--n", "1", "--max-new-tokens", "2"]) == 0
     assert asked.count("mallopt") == 2
+
+
+def test_the_nucleus_from_a_top_k_draws_the_references_tokens():
+    """fast.sample against generate.sample, the same generator: flat and peaked rows (a nucleus of a few tokens and
+    one of thousands, past the first top-k of 256), with top-k before top-p and without."""
+    from minprefix.generate import sample
+    torch.manual_seed(0)
+    for trial, scale in enumerate((0.3, 1.0, 3.0, 10.0) * 5):
+        logits = torch.randn(16, 50257) * scale
+        for kw in (dict(temperature=0.8, top_p=0.9), dict(temperature=1.0, top_p=0.5, top_k=300),
+                   dict(temperature=0.7, top_p=0.999), dict(temperature=0.9, top_p=1.0), dict(temperature=0)):
+            draw = lambda f: f(logits, generator=torch.Generator().manual_seed(trial), **kw)
+            assert torch.equal(draw(fast.sample), draw(sample)), (scale, kw)

@@ -98,13 +98,14 @@ def test_rows_stop_at_their_own_end_of_text(offline_model):
 
 
 def test_max_new_tokens_zero_and_the_context_end(offline_model):
+    """max_new_tokens means what it says: past the context's end the text goes on (tests/test_long.py says how);
+    only a prompt that does not fit is refused."""
     n = offline_model.config.n_positions
     assert generate(offline_model, torch.tensor([[50256, 464]]), 0, eot=EOT) == [[]]
-    # a prompt that leaves room for 5 positions: 5 fed back + the last one sampled = 6 new tokens, not 50
-    idx = torch.randint(0, 50257, (1, n - 5))
-    assert len(generate(offline_model, idx, 50, temperature=0, eot=None)[0]) == 6
-    full = torch.randint(0, 50257, (1, n))  # filling the context: one token, read off the last logits
-    assert len(generate(offline_model, full, 50, temperature=0, eot=None)[0]) == 1
+    idx = torch.randint(0, 50257, (1, n - 5))  # room for 5 positions, and 12 tokens asked for
+    assert len(generate(offline_model, idx, 12, temperature=0, eot=None)[0]) == 12
+    full = torch.randint(0, 50257, (1, n))  # filling the context: re-encoded from the first token fed back on
+    assert len(generate(offline_model, full, 3, temperature=0, eot=None)[0]) == 3
     with pytest.raises(ValueError, match="exceed the context"):
         generate(offline_model, torch.randint(0, 50257, (1, n + 1)), 5, eot=EOT)
 
