@@ -161,18 +161,26 @@ def mix_weights(labels, alpha=None, label=None, weights=None):
              (a checkpoint imported negative-first turns the same way); refused unless there are two labels and
              one is called positive
     label    that label alone, by name
-    weights  one weight per label, in the checkpoint's order
+    weights  one weight per label, a list in the checkpoint's order or {label: weight} (labels left out weigh 0)
     None of them: one label alone, or an even mix of two (alpha 0.5)."""
     labels = list(labels)
     given = [name for name, v in (("alpha", alpha), ("label", label), ("weights", weights)) if v is not None]
     if len(given) > 1:
         raise ValueError(f"give one of alpha, label, weights, not {' and '.join(given)}")
     n = len(labels)
+    if isinstance(weights, dict):
+        unknown = [k for k in weights if k not in labels]
+        if unknown:
+            raise ValueError(f"unknown label {unknown[0]!r}: this checkpoint's labels are {', '.join(labels)}")
+        weights = [weights.get(name, 0.0) for name in labels]
     if weights is not None:
-        return label_weights(n, weights=list(weights))
+        if len(weights) != n:
+            raise ValueError(f"{len(weights)} weights for {n} labels: give one per label, in the checkpoint's order "
+                             f"({', '.join(labels)})")
+        return label_weights(n, weights=[float(w) for w in weights])
     if label is not None:
         if label not in labels:
-            raise ValueError(f"no label {label!r}: the labels are {', '.join(labels)}")
+            raise ValueError(f"unknown label {label!r}: this checkpoint's labels are {', '.join(labels)}")
         return label_weights(n, label=labels.index(label))
     if alpha is None:
         if n > 2:

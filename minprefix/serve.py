@@ -43,6 +43,7 @@ from minprefix import fast
 from minprefix.data import source_prompt
 from minprefix.generate import pad_left, probabilities, start
 from minprefix.guidance import ANCHORS, DEFAULT_ANCHOR, DEFAULT_STRENGTH, guide
+from minprefix.prefix import mix_weights
 from minprefix.tokenizer import Tokenizer
 
 # Once a request is in, the worker waits for the others sent with it (the page's columns, clients whose texts
@@ -91,31 +92,6 @@ def number(body, name):
     if not ok or not test(kind(v)):
         raise BadRequest(name, f"{name} must be {says}, got {json.dumps(v)}")
     return kind(v)
-
-
-def mix_weights(labels, alpha=None, label=None, weights=None):
-    """-> (1, n_labels) float32, in the checkpoint's label order. alpha weighs the label called "positive" and the
-    other label 1 - alpha, whatever their order; label: that one alone; weights: one per label, a list in the
-    checkpoint's order or {label: weight} (labels left out weigh 0). ValueError naming the problem.
-    (To become minprefix.prefix.mix_weights, which sample.py will share, once it lands.)"""
-    if alpha is not None:
-        if len(labels) != 2 or "positive" not in labels:
-            raise ValueError(f"alpha weighs the label 'positive' against the other of two; this checkpoint's labels "
-                             f"are {', '.join(labels)}: give weights, one per label")
-        return torch.tensor([[alpha if l == "positive" else 1.0 - alpha for l in labels]])
-    if label is not None:
-        if label not in labels:
-            raise ValueError(f"unknown label {label!r}: this checkpoint's labels are {', '.join(labels)}")
-        return torch.tensor([[float(l == label) for l in labels]])
-    if isinstance(weights, dict):
-        unknown = [k for k in weights if k not in labels]
-        if unknown:
-            raise ValueError(f"unknown label {unknown[0]!r}: this checkpoint's labels are {', '.join(labels)}")
-        weights = [weights.get(l, 0.0) for l in labels]
-    if len(weights) != len(labels):
-        raise ValueError(f"{len(weights)} weights for {len(labels)} labels: give one per label, in the checkpoint's "
-                         f"order ({', '.join(labels)})")
-    return torch.tensor([[float(w) for w in weights]])
 
 
 def guiding(row):  # -> (strength, anchor): the guidance a row asks for; a batch's rows all ask for the same

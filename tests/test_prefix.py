@@ -168,9 +168,9 @@ def test_alpha_weighs_the_label_called_positive_whatever_the_order():
         with pytest.raises(ValueError, match="give one weight per label") as e:
             mix_weights(labels, alpha=0.5)
         assert ", ".join(labels) in str(e.value)
-    with pytest.raises(ValueError, match="'neutral': the labels are negative, positive"):
+    with pytest.raises(ValueError, match="unknown label 'neutral': this checkpoint's labels are negative, positive"):
         mix_weights(["negative", "positive"], label="neutral")
-    with pytest.raises(ValueError, match="2 weights given for 3 labels"):
+    with pytest.raises(ValueError, match="2 weights for 3 labels: give one per label"):
         mix_weights(["a", "b", "c"], weights=[0.5, 0.5])
     with pytest.raises(ValueError, match="one of alpha, label, weights"):
         mix_weights(["negative", "positive"], alpha=0.5, label="positive")
