@@ -23,6 +23,7 @@ import torch
 from minprefix import Tokenizer, fast
 from minprefix.data import source_prompt
 from minprefix.e2e import DECODING
+from minprefix.env import load_env
 from minprefix.beam import hypotheses
 from minprefix.generate import pad_left, stream
 from minprefix.method import latest, load, read_meta
@@ -259,6 +260,7 @@ def show(number, prompt, text, conditional, now=True):  # one sample, as "[numbe
 
 if __name__ == "__main__":
     try:
+        load_env()  # .env at the checkout's root: MINPREFIX_MODEL, TIKTOKEN_CACHE_DIR (minprefix/env.py)
         sys.exit(main())
     except (OSError, ValueError, KeyError) as e:  # our loaders' and checks' errors: the message says it all
         sys.exit(f"{sys.argv[0]}: error: {e}")

@@ -26,6 +26,7 @@ import torch
 
 from minprefix import GPT2, Tokenizer, fast
 from minprefix.data import FORMATS, encode, file_digest, label_names, read_data
+from minprefix.env import load_env
 from minprefix.lora import DEFAULT_TARGETS, check_targets
 from minprefix.method import MODES, build, remember
 from minprefix.trainer import NothingToResume, loss_plot_path, state_path, train
@@ -235,6 +236,7 @@ def main(argv=None):
 
 if __name__ == "__main__":
     try:
+        load_env()  # .env at the checkout's root: MINPREFIX_MODEL, TIKTOKEN_CACHE_DIR (minprefix/env.py)
         sys.exit(main())
     except (OSError, ValueError, KeyError) as e:  # our loaders' and checks' errors: the message says it all
         sys.exit(f"{sys.argv[0]}: error: {e}")
