@@ -14,6 +14,8 @@ import torch
 from conftest import REPO, SHARED
 from minprefix.prefix import load_prefix
 
+pytestmark = pytest.mark.slow  # the scripts run end to end in subprocesses: python -m pytest -m "not slow" leaves them out
+
 
 def run(script, *args, check=True):
     p = subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=REPO, capture_output=True,
