@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from minprefix import Tokenizer, fast
 from minprefix.data import read_jsonl
+from minprefix.env import load_env
 from minprefix.guidance import ANCHORS, DEFAULT_ANCHOR, DEFAULT_STRENGTH
 from minprefix.method import describe, latest, load, read_meta
 from minprefix.prefix import DEFAULT_CHECKPOINT
@@ -376,6 +377,7 @@ def clean(x):
 
 if __name__ == "__main__":
     try:
+        load_env()  # .env at the checkout's root: MINPREFIX_MODEL, TIKTOKEN_CACHE_DIR (minprefix/env.py)
         sys.exit(main())
     except (OSError, ValueError, KeyError) as e:  # our loaders' and checks' errors: the message says it all
         sys.exit(f"{sys.argv[0]}: error: {e}")

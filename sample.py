@@ -30,6 +30,7 @@ import torch
 from minprefix import Tokenizer, fast
 from minprefix.data import source_prompt
 from minprefix.e2e import DECODING
+from minprefix.env import load_env
 from minprefix.beam import hypotheses
 from minprefix.generate import pad_left, stream
 from minprefix.guidance import ANCHORS, DEFAULT_ANCHOR, DEFAULT_STRENGTH, guide
@@ -184,8 +185,8 @@ def tone(p, args, meta, mixes):
         if args.sentiment is not None:
             p.error(f"--sentiment {args.sentiment!r}: this checkpoint knows {', '.join(labels)}")
         if args.weights is not None:
-            p.error(f"--weights {args.weights!r}: {e}; give {len(labels)} numbers, one per label "
-                    f"({', '.join(labels)})")
+            p.error(f"--weights {args.weights!r}: {e}" + ("" if "labels" in str(e) else
+                    f"; give {len(labels)} numbers, one per label ({', '.join(labels)})"))
         p.error(f"{args.prefix} has {len(labels)} labels ({', '.join(labels)}): choose one with --sentiment, or a "
                 f"mix with --weights (one weight per label)")
     weights = {"weights": dict(zip(labels, w[0].tolist()))}
@@ -368,6 +369,7 @@ def show(number, prompt, text, conditional, now=True):  # one sample, as "[numbe
 
 if __name__ == "__main__":
     try:
+        load_env()  # .env at the checkout's root: MINPREFIX_MODEL, TIKTOKEN_CACHE_DIR (minprefix/env.py)
         sys.exit(main())
     except (OSError, ValueError, KeyError) as e:  # our loaders' and checks' errors: the message says it all
         sys.exit(f"{sys.argv[0]}: error: {e}")

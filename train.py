@@ -27,6 +27,7 @@ import torch
 
 from minprefix import GPT2, Tokenizer, fast
 from minprefix.data import FORMATS, encode, file_digest, label_names, read_data
+from minprefix.env import load_env
 from minprefix.lora import DEFAULT_TARGETS, check_targets
 from minprefix.method import MODES, build, remember
 from minprefix.trainer import (NothingToResume, aside_path, loss_plot_path, move_aside, plan, read_history,
@@ -38,7 +39,7 @@ DEFAULTS = {"prefix_len": (10, 5), "epochs": (10, 5), "batch_size": (2, 10)}
 LR = {"labelled": {"kv": 5e-3, "kv+mlp": 3e-4, "embedding": 5e-3, "lora": 1e-3, "finetune": 5e-5},
       "reference": {"kv": 5e-5, "kv+mlp": 5e-5, "embedding": 5e-5, "lora": 5e-5, "finetune": 5e-5},
       "source": {"kv": 8e-5, "kv+mlp": 8e-5, "embedding": 8e-5, "lora": 2e-4, "finetune": 5e-5}}
-CONTRASTIVE = 0.0  # the contrastive term's weight on labelled text (README, "Results": the frontier)
+CONTRASTIVE = 1.0  # the contrastive term's weight on labelled text: the frontier's best (docs/results.md, "Steering that wins")
 OUT = {"kv": "prefix.safetensors", "embedding": "prefix.safetensors", "lora": "lora.safetensors",
        "finetune": "finetuned"}
 
@@ -282,6 +283,7 @@ def main(argv=None):
 
 if __name__ == "__main__":
     try:
+        load_env()  # .env at the checkout's root: MINPREFIX_MODEL, TIKTOKEN_CACHE_DIR (minprefix/env.py)
         sys.exit(main())
     except (OSError, ValueError, KeyError) as e:  # our loaders' and checks' errors: the message says it all
         sys.exit(f"{sys.argv[0]}: error: {e}")

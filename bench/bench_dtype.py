@@ -19,6 +19,7 @@ sys.path.insert(0, REPO)
 
 from minprefix import Tokenizer, fast  # noqa: E402
 from minprefix.data import read_jsonl  # noqa: E402
+from minprefix.env import load_env  # noqa: E402
 
 
 def main():
@@ -55,4 +56,5 @@ def main():
 
 
 if __name__ == "__main__":
+    load_env()  # .env at the checkout's root: MINPREFIX_MODEL, TIKTOKEN_CACHE_DIR (minprefix/env.py)
     main()

@@ -22,6 +22,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from minprefix import Tokenizer, fast  # noqa: E402
+from minprefix.env import load_env  # noqa: E402
 from minprefix.generate import KEEP  # noqa: E402
 from minprefix.prefix import KVPrefix, label_weights  # noqa: E402
 
@@ -115,4 +116,5 @@ def sampler(model, idx, cache, batch, rounds):
 
 
 if __name__ == "__main__":
+    load_env()  # .env at the checkout's root: MINPREFIX_MODEL, TIKTOKEN_CACHE_DIR (minprefix/env.py)
     main()

@@ -19,7 +19,8 @@ sys.path.insert(0, REPO)
 
 from minprefix import GPT2, GPTConfig, Tokenizer, fast  # noqa: E402
 from minprefix.data import batches, encode, label_names, read_jsonl  # noqa: E402
-from minprefix.guidance import guide  # noqa: E402
+from minprefix.env import load_env  # noqa: E402
+from minprefix.guidance import DEFAULT_STRENGTH, guide  # noqa: E402
 from minprefix.method import build  # noqa: E402
 from minprefix.prefix import label_weights  # noqa: E402
 from minprefix.trainer import batch_loss, contrastive_loss  # noqa: E402
@@ -119,7 +120,7 @@ def main():
     p.add_argument("--rounds", type=int, default=5, help="(default: %(default)s)")
     p.add_argument("--steps", type=int, default=20, help="timed training steps per side and round (default: %(default)s)")
     p.add_argument("--tokens", type=int, default=64, help="new tokens per sampling call (default: %(default)s)")
-    p.add_argument("--guidance", type=float, default=2.0, help="(default: %(default)s)")
+    p.add_argument("--guidance", type=float, default=DEFAULT_STRENGTH, help="(default: sample.py's, %(default)s)")
     args = p.parse_args()
     fast.keep_freed_memory()
     model = load(args.model)
@@ -134,4 +135,5 @@ def main():
 
 
 if __name__ == "__main__":
+    load_env()  # .env at the checkout's root: MINPREFIX_MODEL, TIKTOKEN_CACHE_DIR (minprefix/env.py)
     main()

@@ -56,6 +56,9 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from minprefix.env import load_env  # noqa: E402
+
+load_env()  # .env at the checkout's root (minprefix/env.py), before the settings below read the environment
 P, TRAIN_B, TRAIN_T, NEW_TOKENS, PROMPT = 10, 2, 64, 128, 8
 OFFLINE = os.environ.get("MINPREFIX_TEST_MODEL", os.path.join(REPO, "..", "shared", "models", "imdb-gpt2-19m"))
 PLAN = {

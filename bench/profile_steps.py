@@ -36,10 +36,12 @@ sys.path.insert(0, REPO)
 from minprefix import GPT2, Tokenizer, fast  # noqa: E402
 from minprefix.data import source_prompt  # noqa: E402
 from minprefix.e2e import read_tables  # noqa: E402
+from minprefix.env import load_env  # noqa: E402
 from minprefix.generate import pad_left  # noqa: E402
 from minprefix.method import build  # noqa: E402
 from minprefix.prefix import KVPrefix  # noqa: E402
 
+load_env()  # .env at the checkout's root (minprefix/env.py), before MODEL reads the environment
 MODEL = os.environ.get("MINPREFIX_TEST_MODEL", os.path.join(REPO, "..", "shared", "models", "imdb-gpt2-19m"))
 
 

@@ -21,6 +21,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import DATA, REPO, REPORT_HELP, plot_lines, run, slice_of  # noqa: E402
+from minprefix.env import load_env  # noqa: E402
 
 COMMON = ["--epochs", "1", "--batch-size", "10", "--warmup", "0", "--weight-decay", "0", "--eval-every", "100",
           "--keep", "best"]
@@ -145,4 +146,5 @@ def plot_curves(results, path):
 
 
 if __name__ == "__main__":
+    load_env()  # .env at the checkout's root: MINPREFIX_MODEL, TIKTOKEN_CACHE_DIR (minprefix/env.py)
     main()

@@ -26,6 +26,7 @@ sys.path.insert(0, REPO)
 
 import eval as evaluate_script  # noqa: E402  (the scripts' own code, not copies of it)
 import train as train_script  # noqa: E402
+from minprefix.env import load_env  # noqa: E402
 from minprefix.method import read_meta  # noqa: E402
 from minprefix.trainer import history_path  # noqa: E402
 
@@ -216,4 +217,5 @@ def plot(results, path):
 
 
 if __name__ == "__main__":
+    load_env()  # .env at the checkout's root: MINPREFIX_MODEL, TIKTOKEN_CACHE_DIR (minprefix/env.py)
     main()

@@ -17,6 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import REPO, REPORT_HELP, TASK_WORDS, fmt, spread  # noqa: E402
+from minprefix.env import load_env  # noqa: E402
 from low_data import one  # noqa: E402
 
 INITS = {"random": "random", "unrelated words": "elephant, orange, banana", "task words": TASK_WORDS}
@@ -85,4 +86,5 @@ def plot(results, path):
 
 
 if __name__ == "__main__":
+    load_env()  # .env at the checkout's root: MINPREFIX_MODEL, TIKTOKEN_CACHE_DIR (minprefix/env.py)
     main()

@@ -35,6 +35,7 @@ sys.path.insert(0, REPO)
 
 from dial import MOVIE_PROMPTS  # noqa: E402
 from minprefix import Tokenizer, fast  # noqa: E402
+from minprefix.env import load_env  # noqa: E402
 from minprefix.evaluation import NEUTRAL_PROMPTS, Judge, mean, mean_interval, prefix_attention, wilson  # noqa: E402
 from minprefix.generate import pad_left  # noqa: E402
 from minprefix.method import describe, load, read_meta  # noqa: E402
@@ -339,4 +340,5 @@ def main():
 
 
 if __name__ == "__main__":
+    load_env()  # .env at the checkout's root: MINPREFIX_MODEL, TIKTOKEN_CACHE_DIR (minprefix/env.py)
     main()

@@ -28,6 +28,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import DATA, REPO, REPORT_HELP, TASK_WORDS, fmt, plot_lines, run, subsample  # noqa: E402
+from minprefix.env import load_env  # noqa: E402
 
 SIZES = (50, 100, 200, 500)
 STEPS = {"prefix": {50: 200, 100: 200, 200: 200, 500: 400}, "fine-tuning": {50: 100, 100: 100, 200: 200, 500: 400},
@@ -110,4 +111,5 @@ def main():
 
 
 if __name__ == "__main__":
+    load_env()  # .env at the checkout's root: MINPREFIX_MODEL, TIKTOKEN_CACHE_DIR (minprefix/env.py)
     main()

@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import eval as evaluate_script  # noqa: E402  (the scripts' own code, not copies of it)
 import train as train_script  # noqa: E402
 from dial import build_snippets, finished  # noqa: E402
+from minprefix.env import load_env  # noqa: E402
 from minprefix.method import read_meta  # noqa: E402
 
 METHODS = {"kv-mlp": ["--prefix-len", "10", "--mlp"], "lora": ["--mode", "lora"]}
@@ -188,4 +189,5 @@ def plot(results, path):
 
 
 if __name__ == "__main__":
+    load_env()  # .env at the checkout's root: MINPREFIX_MODEL, TIKTOKEN_CACHE_DIR (minprefix/env.py)
     main()

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from minprefix.generate import probabilities
 
-DEFAULT_STRENGTH = 0.0  # sample.py's and eval.py's defaults (docs/results.md: the frontier they were chosen from)
+DEFAULT_STRENGTH = 1.0  # sample.py's, eval.py's and the server's default: the frontier's best point under 2x the bare model's perplexity (docs/results.md)
 DEFAULT_ANCHOR = "bare"
 FILTER_P = 0.9  # DExperts' filter_p: guidance re-ranks the anchor's nucleus of this much probability
 

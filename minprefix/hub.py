@@ -87,7 +87,8 @@ def _hub_file(repo, filename, cache_dir):
             f"cannot load {repo}: the Hugging Face hub is unreachable from here ({type(e).__name__}) and "
             f"{filename} is not in the local hub cache at {cache}. Either run once on a machine with internet "
             f"(the files land in that cache; HF_HUB_CACHE moves it), or point at a local folder holding "
-            f"config.json and model.safetensors: export MINPREFIX_MODEL=/path/to/gpt2 (or pass --model). On this "
+            f"config.json and model.safetensors: export MINPREFIX_MODEL=/path/to/gpt2, or write that line in the "
+            f"checkout's .env (see .env.example), or pass --model. On this "
             f"project's offline machines the folder is ../shared/models/imdb-gpt2-19m (a small stand-in, NOT "
             f"GPT-2).") from e
 

@@ -101,6 +101,7 @@ def assert_same(ours, theirs, what):
     assert_near([a for o in ours for a, _ in o], [b for h in theirs for b, _ in h], 1e-5, f"{what}: scores")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bias", [0.0, 4.0])
 def test_same_hypotheses_as_hf(offline_model, offline_hf, prompts, biased, bias):
     """bias 0: the offline model as it is; the best beam never writes eot, HF's fallback keeps the N best at
@@ -121,6 +122,7 @@ def test_same_hypotheses_as_hf(offline_model, offline_hf, prompts, biased, bias)
             assert all(ended) and len(ours[0][0][1]) > min(len(t) for _, t in ours[0])
 
 
+@pytest.mark.slow
 def test_prefix_as_hf_cache(offline_model, offline_hf, prompts):
     """The prefix rides in our KVCache; HF gets the same keys and values as a DynamicCache, expanded for the
     beams, with an attention mask of P + T ones (its positions then start at P, as ours)."""
@@ -141,6 +143,7 @@ def test_prefix_as_hf_cache(offline_model, offline_hf, prompts):
                             cache=unexpanded, num_beams=5, do_sample=False, max_new_tokens=3, pad_token_id=EOT)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bias,with_prefix", [(0.0, False), (4.0, True)])
 def test_left_padded_batch(offline_model, offline_hf, prompts, biased, bias, with_prefix):
     """Rows of different lengths, padded on the left, in one search: each row as it would be alone, and as HF's.

@@ -12,7 +12,10 @@ import pytest
 import torch
 
 from conftest import REPO, SHARED, assert_near
+from minprefix.guidance import DEFAULT_STRENGTH
 from minprefix.prefix import load_prefix
+
+pytestmark = pytest.mark.slow  # the scripts run end to end in subprocesses: python -m pytest -m "not slow" leaves them out
 
 
 def run(script, *args, check=True):
@@ -90,9 +93,10 @@ def test_sample_unknown_sentiment(trained):
 def test_eval_writes_table_json_and_plot(trained, small_data, tmp_path):
     p = run("eval.py", "--prefix", trained[0], "--data", small_data / "test.jsonl", "--n-samples", 1,
             "--sweep-samples", 1, "--max-new-tokens", 8, "--out", tmp_path)
-    assert "| base model, no prefix |" in p.stdout and "| K/V prefix + MLP, P=10 |" in p.stdout
+    named = "K/V prefix + MLP, P=10" + (f", guidance {DEFAULT_STRENGTH:g}" if DEFAULT_STRENGTH else "")  # the default
+    assert "| base model, no prefix |" in p.stdout and f"| {named} |" in p.stdout
     result = json.loads((tmp_path / "eval.json").read_text())
-    assert [r["name"] for r in result["rows"]][:2] == ["base model, no prefix", "K/V prefix + MLP, P=10"]
+    assert [r["name"] for r in result["rows"]][:2] == ["base model, no prefix", named]
     lo, hi = result["rows"][1]["acc_intended_ci"]
     assert lo <= result["rows"][1]["acc_intended"] <= hi and "[" in p.stdout  # accuracies with their interval
     assert set(result["rows"][1]["alpha_sweep"]) == {"0.0", "0.25", "0.5", "0.75", "1.0"}
@@ -389,7 +393,7 @@ def test_tone_flags_name_what_is_wrong(offline_model, tmp_path):
     assert p.returncode == 2 and "has 3 labels (a, b, c): choose one with --sentiment, or a mix with --weights" in p.stderr
     assert "--weights:" not in p.stderr
     p = run("sample.py", "--prefix", three, "--weights", "0.5,0.5", check=False)
-    assert p.returncode == 2 and "--weights '0.5,0.5': 2 weights given for 3 labels" in p.stderr
+    assert p.returncode == 2 and "--weights '0.5,0.5': 2 weights for 3 labels: give one per label, in the checkpoint's order (a, b, c)" in p.stderr
     p = run("sample.py", "--prefix", one, "--alpha", "0.2", check=False)
     assert p.returncode == 2 and "--alpha weighs the label called positive" in p.stderr
     assert "it has nothing to mix" in p.stderr
@@ -423,7 +427,8 @@ def test_sentiment_eval_honours_limit_and_no_base_and_shows_progress(trained, sm
             "--n-samples", 1, "--sweep-samples", 1, "--max-new-tokens", 4, "--out", tmp_path)
     result = json.loads((tmp_path / "eval.json").read_text())
     names = [r["name"] for r in result["rows"]]
-    assert "base model, no prefix" not in names and names[0] == "K/V prefix + MLP, P=10"
+    assert "base model, no prefix" not in names and names[0] == "K/V prefix + MLP, P=10" + (
+        f", guidance {DEFAULT_STRENGTH:g}" if DEFAULT_STRENGTH else "")
     assert result["rows"][0]["n_generations"] == 3 and result["rows"][-1]["n_generations"] == 3
     assert "continuations" in p.stderr and "100%" in p.stderr  # the progress bar ran to its end
     sweep = result["rows"][0]

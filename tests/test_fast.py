@@ -85,6 +85,7 @@ def test_decode_linear_equals_linear_on_gpt2_small_shapes(dtype):
         assert y.grad_fn is not None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mlp", [False, True])
 def test_loss_and_prefix_gradients(fast_model, offline_model, mlp):
     torch.manual_seed(1)
@@ -132,6 +133,7 @@ def test_loss_refuses_targets_out_of_range(fast_model):
             fast.lm_loss(fast_model, idx, targets)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("static", [False, True])  # True: the GPU's StaticKVCache step, run eagerly here
 def test_greedy_tokens_over_64_steps(fast_model, offline_model, prefix, static):
     idx, real = pad_left(prompts(), EOT)
@@ -145,6 +147,7 @@ def test_greedy_tokens_over_64_steps(fast_model, offline_model, prefix, static):
     assert fast_cache.length == 6 and fast_cache.real is None  # the caller's cache is left as it was
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("static", [False, True])
 def test_sampled_tokens_for_a_seed(fast_model, offline_model, prefix, static):
     idx, real = pad_left(prompts(), EOT)
@@ -157,6 +160,7 @@ def test_sampled_tokens_for_a_seed(fast_model, offline_model, prefix, static):
     assert ref != generate(offline_model, idx, 48, kv_cache=caches[0], **dict(kw, seed=12))
 
 
+@pytest.mark.slow
 def test_static_cache_at_the_context_edges(fast_model, offline_model):
     n = offline_model.config.n_positions
     kw = dict(temperature=0, eot=None, cuda_graph=True)
@@ -210,6 +214,7 @@ def test_cuda_graph_on_a_second_gpu(offline_model_dir):
     assert fast.generate(model, idx, 32, temperature=0, eot=None) == generate(model, idx, 32, temperature=0, eot=None)
 
 
+@pytest.mark.slow
 def test_half_precision_runs_through_both_paths(offline_model_dir):
     """bfloat16 weights, a float32 prefix: the cache comes in the model's dtype, both decoders run (the static
     cache's buffers take that dtype too), and the fast loss stays close to the reference's."""
@@ -267,6 +272,7 @@ def test_top_k_and_logsumexp_equal_torchs():
     assert torch.equal(fast.logsumexp(edge), torch.logsumexp(edge, -1, keepdim=True))
 
 
+@pytest.mark.slow
 def test_bfloat16_prefix_mlp_in_a_training_step(offline_model_dir, tmp_path):
     """for_training swaps HalfPrefixMLP into a prefix trained on a bfloat16 model on a CPU (into nothing else):
     in a step its products run in bfloat16 and its gradients land float32, close to the float32 MLP's; with
@@ -299,6 +305,7 @@ def test_bfloat16_prefix_mlp_in_a_training_step(offline_model_dir, tmp_path):
     assert torch.equal(saved.table(), plain.table().detach())  # what is saved is float32's table
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("padded", [False, True])
 def test_half_precision_step_attends_to_the_written_slots_only(offline_model_dir, padded):
     """In bfloat16 StaticKVCache.cpu_step reads each layer's whole buffers (a slice of them would be copied to
@@ -323,6 +330,7 @@ def test_half_precision_step_attends_to_the_written_slots_only(offline_model_dir
     assert_near(got, want, 2 ** -4, "bfloat16 step against float32")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("with_prefix", [False, True])
 def test_fast_beam_search_finds_the_references_hypotheses(fast_model, offline_model, with_prefix):
     """StaticSteps + best_pairs against beam.py's reference pieces: the same hypotheses with the same scores, for a
@@ -395,6 +403,7 @@ def test_int8_linear_is_the_rounded_weight_times_its_scale(monkeypatch):
         assert err < bound, f"{kernel}, reduce_range {reduce_range}: relative error {err:.4f}"
 
 
+@pytest.mark.slow
 def test_int8_decoding_picks_float32s_tokens_mostly(offline_model_dir):
     """The whole model in int8 (CPU), teacher-forced over the held-out texts: its next-token argmax agrees with
     float32's at nearly every position (greedy texts then part ways at the first near-tie, like bfloat16's)."""
@@ -415,6 +424,7 @@ def test_int8_decoding_picks_float32s_tokens_mostly(offline_model_dir):
         fast.quantize_int8(GPT2.from_pretrained(offline_model_dir, dtype=torch.bfloat16))
 
 
+@pytest.mark.slow
 def test_the_package_generate_takes_the_fast_path_unless_told(offline_model_dir, monkeypatch):
     import minprefix
     model = GPT2.from_pretrained(offline_model_dir).requires_grad_(False)

@@ -46,6 +46,7 @@ def test_top_k_keeps_every_token_tied_with_the_kth():
     assert torch.allclose(f[:4], p, atol=0.015)
 
 
+@pytest.mark.slow
 def test_top_k_then_top_p_on_a_flat_distribution():
     """top-k first, then the nucleus of what is left, renormalised (HF's order). On a nearly flat distribution
     the nucleus is large: every one of its tokens must be drawable, and none outside it."""

@@ -19,6 +19,7 @@ import eval as eval_script  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
 from minprefix import peft  # noqa: E402
+from minprefix.guidance import DEFAULT_STRENGTH  # noqa: E402
 
 # a tiny German sentiment set, written for this test
 GERMAN = [("Der Film war wunderbar, ich habe jede Minute genossen.", "positive"),
@@ -108,8 +109,9 @@ def test_german_prefixes_and_lora_train_mix_and_evaluate(german, tmp_path, monke
         "--n-samples", 1, "--sweep-samples", 1, "--sweep-prompts", german["prompts"], "--max-new-tokens", 4,
         "--out", "eval")
     rows = {r["name"]: r for r in json.loads((tmp_path / "eval/eval.json").read_text())["rows"]}
-    assert {"base model, no prefix", "K/V prefix, P=10", "LoRA r=4 on q, v"} <= set(rows)
-    assert set(rows["K/V prefix, P=10"]["alpha_sweep"]) == {"0.0", "0.25", "0.5", "0.75", "1.0"}
+    g = f", guidance {DEFAULT_STRENGTH:g}" if DEFAULT_STRENGTH else ""  # eval.py's default guidance names its rows
+    assert {"base model, no prefix", "K/V prefix, P=10" + g, "LoRA r=4 on q, v" + g} <= set(rows)
+    assert set(rows["K/V prefix, P=10" + g]["alpha_sweep"]) == {"0.0", "0.25", "0.5", "0.75", "1.0"}
     # PEFT adapters out and back: the same mix writes the same text
     peft.main(["export", "kv.safetensors", "adapters"])
     peft.main(["import", "adapters/positive", "adapters/negative", "--labels", "positive,negative", "--out", "back.st"])

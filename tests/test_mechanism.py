@@ -14,6 +14,8 @@ from minprefix.prefix import label_weights
 from minprefix.method import build
 from minprefix.trainer import batch_loss, train
 
+pytestmark = pytest.mark.slow  # a training run, then sampling: python -m pytest -m "not slow" leaves it out
+
 
 @pytest.fixture(scope="module")
 def tuned(offline_model, tmp_path_factory):

@@ -199,6 +199,7 @@ def test_round_trip_export_import(offline_model, checkpoints, tmp_path, mode):
     assert torch.equal(after.table(), before.table())  # bit for bit
 
 
+@pytest.mark.slow
 def test_a_conditional_prefix_survives_the_round_trip_and_eval_takes_it(offline_model, tmp_path):
     """An E2E (source -> text) task prefix, exported and imported back, is still conditional (eval.py --task e2e
     takes it); adapters PEFT itself trained on tables come in as conditional with --conditional."""

@@ -287,6 +287,7 @@ def test_refuses_an_adapter_for_another_base_shape(offline_model_dir, peft_adapt
 
 # ---- the command line ----
 
+@pytest.mark.slow
 def test_cli(checkpoints, peft_adapters, tmp_path, capsys):
     assert main(["export", str(checkpoints["qv"]), str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out

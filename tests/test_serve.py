@@ -20,6 +20,7 @@ pytest.importorskip("starlette", reason="the server's packages: pip install -e \
 
 from minprefix import Tokenizer, fast  # noqa: E402
 from minprefix.generate import collect, decode, pad_left, start  # noqa: E402
+from minprefix.guidance import DEFAULT_ANCHOR, DEFAULT_STRENGTH, guide  # noqa: E402
 from minprefix.method import build  # noqa: E402
 from minprefix.serve import BadRequest, Engine, Job, mix_weights  # noqa: E402
 
@@ -147,7 +148,8 @@ def test_a_seeded_request_writes_the_same_whatever_shares_its_batch(engine, offl
     crowd = decode_together(engine, {"prompt": "Nothing", "max_tokens": 20, "temperature": 1.3, "seed": 1},
                             body, {"prompt": "Yes", "max_tokens": 9, "temperature": 0, "n": 2})[1]
     assert crowd == alone
-    run, cache = engine.method.apply(offline_model, mix_weights(LABELS, alpha=0.7))
+    run, cache = guide(engine.method, offline_model, mix_weights(LABELS, alpha=0.7), DEFAULT_STRENGTH,
+                       DEFAULT_ANCHOR, EOT)  # the server's default guidance, as sample.py's
     idx = torch.tensor([[EOT] + tok.encode("The film")])
     want = collect(fast.stream(run, idx, 15, kv_cache=cache, temperature=0.9, top_p=0.9, seed=5, eot=EOT), 1, EOT)
     assert alone == [tok.decode(want[0])]

@@ -53,6 +53,7 @@ def trained_state(method):
     return {k: v.detach().clone() for k, v in method.state_dict().items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("setup", SETUPS, ids=lambda s: f"{s[0]}{'+mlp' if s[1] else ''}-keep-{s[2]}")
 def test_resumed_run_ends_where_the_uninterrupted_one_does(setup, offline_model_dir, offline_model, items, tmp_path,
                                                            monkeypatch):
@@ -136,6 +137,7 @@ def fake_pass(values):
     return evaluate, states
 
 
+@pytest.mark.slow
 def test_keep_best_keeps_the_epoch_the_selection_rule_names(offline_model, items, tmp_path, monkeypatch):
     """Two labels: --keep best keeps the epoch with the highest steering margin, whatever the loss says; --keep
     loss the lowest held-out loss; --keep last the last."""
@@ -182,6 +184,7 @@ def test_keep_best_with_one_label_keeps_the_lowest_held_out_loss(offline_model, 
     assert history["kept_epoch"] == 2 and history["selected_by"] == "loss"
 
 
+@pytest.mark.slow
 def test_steering_measure_ranks_a_prefix_trained_on_swapped_labels_below_the_right_one(offline_model, items,
                                                                                       tmp_path):
     swapped = [(ids, start, 1 - y) for ids, start, y in items]
