@@ -39,6 +39,7 @@ the reference alone, end to end.
 import ctypes
 import os
 import sys
+import time
 import warnings
 
 import torch
@@ -67,9 +68,12 @@ class DecodeLinear(nn.Linear):
     one row, float32   the weight's rows (one per output) cut into k = 2 x threads blocks, and one bmm of the k
                        blocks with the input row: each core reads its blocks straight through as dot products,
                        with no partial sums to add up. A step multiplies one row by each weight, so reading the
-                       weights is all the work, and MKL's matrix-vector product (F.linear) reads with one core.
-                       GPT-2-small-shaped sampling at batch 1 (bench/bench_vs_peft.py): 47.5 tok/s, against 39.1
-                       for cutting the inner dimension instead (which needs partial sums added up).
+                       weights is all the work. On the 2-core AMD EPYC MKL's matrix-vector product (F.linear)
+                       reads with one core, and this wins: GPT-2-small-shaped sampling at batch 1
+                       (bench/bench_vs_peft.py) 47.5 tok/s, against 39.1 for cutting the inner dimension instead.
+                       On the 2-core Intel Xeon with AMX F.linear reads with both and wins instead (GPT-2 small's
+                       lm_head 3.9 ms against 11.7, c_attn 0.16 against 0.34). So which of the two a shape takes
+                       is measured once per process, on first use (fastest_one_row).
     more rows, or      oneDNN's inner product on the weight packed once, on first use, into its blocked layout
     bfloat16           (kept beside the weight: a second copy). Batched sampling and beams multiply a few rows by
                        each weight, where MKL's small-M products fall to a quarter of the CPU's speed: GPT-2
@@ -85,6 +89,8 @@ class DecodeLinear(nn.Linear):
             rows = x.numel() // x.size(-1)
             y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, -1), self.__dict__["packed"], self.bias, *post)
             return y.view(*x.shape[:-1], -1)
+        if way == "one row" and fastest_one_row(self, x) == "linear":
+            way = "linear"
         y = self.one_row(x) if way == "one row" else F.linear(x, self.weight, self.bias)
         return F.gelu(y, approximate="tanh") if gelu else y
 
@@ -115,6 +121,28 @@ class DecodeLinear(nn.Linear):
         if m < out:
             y = torch.cat([y, w[m:] @ x.reshape(-1)])
         return (y if b is None else y + b).view(*x.shape[:-1], out)
+
+
+ONE_ROW = {}  # (in, out, threads) -> "one row" or "linear": the faster product of one float32 row on this CPU
+
+
+def fastest_one_row(linear, x, rounds=5):
+    """-> "one row" or "linear", whichever multiplies one row by this shape of weight faster here, timed on first
+    use (the best of a few calls of each; a few ms, once per shape and process). Both are equal to float rounding."""
+    key = (linear.in_features, linear.out_features, torch.get_num_threads())
+    if key not in ONE_ROW:
+        ways = {"one row": linear.one_row, "linear": lambda v: F.linear(v, linear.weight, linear.bias)}
+        best = {}
+        for name, product in ways.items():
+            product(x)  # warm-up
+            times = []
+            for _ in range(rounds):
+                t = time.perf_counter()
+                product(x)
+                times.append(time.perf_counter() - t)
+            best[name] = min(times)
+        ONE_ROW[key] = min(best, key=best.get)
+    return ONE_ROW[key]
 
 
 def linear_gelu(linear, x):

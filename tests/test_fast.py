@@ -55,6 +55,29 @@ def test_logits(fast_model, offline_model, rows):
         assert_near(fast_model(idx), offline_model(idx), RTOL, f"rows {rows}: logits")
 
 
+def test_one_row_takes_whichever_product_this_cpu_runs_faster(monkeypatch):
+    """fastest_one_row times both one-row products once per shape (the blocked bmm wins on the AMD EPYC, MKL's
+    F.linear on the Intel Xeon) and forward() takes the one it found, each equal to nn.Linear."""
+    torch.manual_seed(0)
+    linear = fast.DecodeLinear(64, 96).requires_grad_(False)
+    x = torch.randn(1, 1, 64)
+    monkeypatch.setattr(fast, "ONE_ROW", {})
+    with torch.no_grad():
+        found = fast.fastest_one_row(linear, x)
+        assert found in ("one row", "linear") and fast.ONE_ROW == {(64, 96, torch.get_num_threads()): found}
+        for way in ("one row", "linear"):
+            fast.ONE_ROW[(64, 96, torch.get_num_threads())] = way
+            called = []
+            monkeypatch.setattr(fast.DecodeLinear, "one_row", lambda self, v: called.append(1) or
+                                torch.zeros(*v.shape[:-1], 96))
+            y = linear(x)
+            monkeypatch.undo()
+            monkeypatch.setattr(fast, "ONE_ROW", {(64, 96, torch.get_num_threads()): way})
+            assert bool(called) == (way == "one row" and torch.get_num_threads() > 1)
+            if way == "linear":
+                assert_near(y, torch.nn.functional.linear(x, linear.weight, linear.bias), RTOL, "linear way")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_decode_linear_equals_linear_on_gpt2_small_shapes(dtype):
     """Both of DecodeLinear's ways (one row: the weight's rows split over the cores, with lm_head's odd row count;
