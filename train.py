@@ -39,7 +39,10 @@ DEFAULTS = {"prefix_len": (10, 5), "epochs": (10, 5), "batch_size": (2, 10)}
 LR = {"labelled": {"kv": 5e-3, "kv+mlp": 3e-4, "embedding": 5e-3, "lora": 1e-3, "finetune": 5e-5},
       "reference": {"kv": 5e-5, "kv+mlp": 5e-5, "embedding": 5e-5, "lora": 5e-5, "finetune": 5e-5},
       "source": {"kv": 8e-5, "kv+mlp": 8e-5, "embedding": 8e-5, "lora": 2e-4, "finetune": 5e-5}}
-CONTRASTIVE = 1.0  # the contrastive term's weight on labelled text: the frontier's best (docs/results.md, "Steering that wins")
+# the contrastive term's weight on labelled text, by --mode: what the frontier showed best under sample.py's default
+# guidance (docs/results.md, "Steering that wins"): it sharpens a prefix, and leaves LoRA less diverse and no better
+# steered; the soft prompt follows the prefixes (not measured)
+CONTRASTIVE = {"kv": 1.0, "embedding": 1.0, "lora": 0.0, "finetune": 0.0}
 OUT = {"kv": "prefix.safetensors", "embedding": "prefix.safetensors", "lora": "lora.safetensors",
        "finetune": "finetuned"}
 
@@ -76,8 +79,8 @@ def parser():
                         "mlp.c_fc, mlp.c_proj (default: %(default)s, the LoRA paper's GPT-2 setup)")
     p.add_argument("--contrastive", type=float, help="weight of the contrastive term: each text asked to be likelier "
                    "under its own label's prefix (or LoRA) than under the others' (Qian et al. 2022); costs about one "
-                   "more forward and backward per extra label (default: %s for labelled text with two or more labels, "
-                   "0 otherwise)" % CONTRASTIVE)
+                   "more forward and backward per extra label (default, for labelled text with two or more labels: %s; "
+                   "0 otherwise)" % ", ".join(f"{w:g} with --mode {m}" for m, w in CONTRASTIVE.items() if w))
     p.add_argument("--recipe", choices=["steer", "reference"],
                    help="labelled text's defaults: steer (learning rates that turn the dial within the run) or "
                         "reference (the brief's setup: batch 2, lr 5e-5); source -> text data has the paper's E2E "
@@ -183,7 +186,7 @@ def main(argv=None):
     labels = label_names(train_set)
     steers = not conditional and len(labels) > 1 and args.mode != "finetune"
     if args.contrastive is None:
-        args.contrastive = CONTRASTIVE if steers else 0.0
+        args.contrastive = CONTRASTIVE[args.mode] if steers else 0.0
     elif args.contrastive and not steers:
         p.error(f"--contrastive {args.contrastive:g}: the contrastive term tells labels apart; "
                 + ("fine-tuning trains one model for every label" if args.mode == "finetune" else

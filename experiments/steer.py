@@ -6,7 +6,7 @@ every way this project has of turning the dial, on both data sets experiments/di
 Runs (train.py, the README's main command with the contrastive weight set explicitly), per data set:
   kv-mlp-c0      K/V prefix with its MLP, no contrastive term (plain prefix-tuning)
   kv-mlp-c<L>    the same with the contrastive term at each --lambdas (Qian et al. 2022)
-  lora-c0, lora-c<L>   LoRA r=4 on q, v, without and with the term (the default weight)
+  lora-c0, lora-c<L>   LoRA r=4 on q, v, without and with the term (--lora-lambda)
 each evaluated (eval.py --n-samples 0: the neutral prompts only) at each --guidance strength at the logits
 (DExperts-style, minprefix/guidance.py; 0 is the K/V mix alone), --sweep-samples x 10 prompts per alpha (24: 240
 continuations per end, per point), with the bare model's own samples beside them. Finished runs and evaluations
@@ -64,16 +64,16 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(REPO, "runs", "steer"), help="(default: runs/steer)")
     p.add_argument("--data", nargs="+", default=["summer-school", "movie-snippets"], help="(default: both)")
-    p.add_argument("--lambdas", type=float, nargs="+", default=[train_script.CONTRASTIVE or 1.0],
-                   help="contrastive weights for the K/V prefix with its MLP (default: train.py's default)")
-    p.add_argument("--lora-lambda", type=float, default=train_script.CONTRASTIVE or 1.0,
-                   help="LoRA with the contrastive term at this weight, beside LoRA without (default: train.py's)")
+    p.add_argument("--lambdas", type=float, nargs="+", default=[1.0],
+                   help="contrastive weights for the K/V prefix with its MLP (default: %(default)s)")
+    p.add_argument("--lora-lambda", type=float, default=1.0,
+                   help="LoRA with the contrastive term at this weight, beside LoRA without (default: %(default)s)")
     p.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=sorted(METHODS),
                    help="which runs: each without and with the contrastive term (default: both)")
-    p.add_argument("--guidance", type=float, nargs="+", default=[0.0, 1.0, 2.0, 3.0],
+    p.add_argument("--guidance", type=float, nargs="+", default=[0.0, 1.0, 2.0],
                    help="strengths evaluated for each run (default: %(default)s)")
     p.add_argument("--sweep-samples", type=int, default=24, help="per neutral prompt and alpha (default: %(default)s)")
-    p.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.5, 1.0],
+    p.add_argument("--alphas", type=float, nargs="+", default=[0.0, 1.0],
                    help="the sweep's alphas; the frontier needs 0 and 1 (default: %(default)s)")
     args = p.parse_args()
     train_file, test_file, sweep_file = build_snippets(os.path.join(REPO, "runs", "dial", "movie-snippets-data"))

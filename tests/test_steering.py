@@ -309,6 +309,9 @@ def test_eval_reports_the_ends_from_neutral_prompts_at_each_strength(saved_prefi
 
 
 def test_train_records_the_contrastive_weight_and_refuses_it_without_labels(offline_model_dir, tmp_path):
+    import sys
+    sys.path.insert(0, str(REPO))
+    import train as train_script
     data = tmp_path / "d.jsonl"
     data.write_text("\n".join('{"text": "%s", "sentiment": "%s"}' % (t, s) for t, s in
                               [("Great labs.", "positive"), ("Cold food.", "negative")] * 3) + "\n")
@@ -316,6 +319,12 @@ def test_train_records_the_contrastive_weight_and_refuses_it_without_labels(offl
     run("train.py", "--model", offline_model_dir, "--data", data, "--val-data", data, "--prefix-len", 3, "--mlp",
         "--max-steps", 2, "--contrastive", 0.5, "--out", out)
     assert load_meta(out)["info"]["contrastive"] == 0.5
+    for mode, args in (("kv", ["--prefix-len", 3, "--mlp"]), ("lora", ["--mode", "lora"])):  # the defaults, by mode
+        out = tmp_path / f"{mode}.safetensors"
+        run("train.py", "--model", offline_model_dir, "--data", data, "--val-data", data, *args, "--max-steps", 1,
+            "--out", out)
+        assert (load_meta(out)["info"]["contrastive"] or 0.0) == train_script.CONTRASTIVE[mode]
+    assert train_script.CONTRASTIVE["kv"] > 0 and train_script.CONTRASTIVE["lora"] == 0  # what the frontier chose
     p = run("train.py", "--model", offline_model_dir, "--data", data, "--val-data", data, "--mode", "finetune",
             "--contrastive", 1, "--max-steps", 1, "--out", tmp_path / "ft", check=False)
     assert p.returncode == 2 and "fine-tuning trains one model for every label" in p.stderr
