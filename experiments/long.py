@@ -52,9 +52,10 @@ def conditions(args):
     for boost in args.boosts:
         for alpha in args.alphas:
             out[name(f"alpha {alpha:g}", boost)] = (f"{alpha:g}", boost, 0.0)
-    for strength in args.guidance:
-        for alpha in args.alphas:
-            out[name(f"alpha {alpha:g}", 0.0, strength)] = (f"{alpha:g}", 0.0, strength)
+    for strength in args.guidance:  # guidance with each boost: the boost holds the experts' rows on their prefix
+        for boost in args.boosts:
+            for alpha in args.alphas:
+                out[name(f"alpha {alpha:g}", boost, strength)] = (f"{alpha:g}", boost, strength)
     if args.schedule:
         boost, strength = (0.0, args.guidance[-1]) if args.schedule_with == "guidance" else (args.boosts[-1], 0.0)
         out[name(f"schedule {args.schedule}", boost, strength)] = (args.schedule, boost, strength)
@@ -190,7 +191,7 @@ def table(results, args):
 def verdicts(results, args):
     """The issue's 'done when', read off the results."""
     c, out = results["conditions"], []
-    for boost, strength in [(b, 0.0) for b in args.boosts] + [(0.0, g) for g in args.guidance]:
+    for boost, strength in [(b, 0.0) for b in args.boosts] + [(b, g) for g in args.guidance for b in args.boosts]:
         for alpha, side in ((1, "positive"), (0, "negative")):
             tag = name(f"alpha {alpha}", boost, strength)
             s = c.get(tag, {}).get("summary")
@@ -278,7 +279,7 @@ def main():
     p.add_argument("--boosts", type=float, nargs="+", default=[0.0, 2.0], help="sample.py's --prefix-boost: each alpha "
                    "with each; the schedule with the last (default: %(default)s)")
     p.add_argument("--guidance", type=float, nargs="*", default=[], help="sample.py's --guidance: each alpha with each "
-                   "strength, no boost (default: none)")
+                   "strength and each boost (default: none)")
     p.add_argument("--schedule-with", choices=("boost", "guidance"), default="boost", help="the schedule's remedy: "
                    "the last --boosts or the last --guidance (default: %(default)s)")
     p.add_argument("--schedule", default="0:0,2000:1", help="the --alpha schedule written with the last boost; '' for "

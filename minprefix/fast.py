@@ -73,26 +73,30 @@ class DecodeLinear(nn.Linear):
                        (bench/bench_vs_peft.py) 47.5 tok/s, against 39.1 for cutting the inner dimension instead.
                        On the 2-core Intel Xeon with AMX F.linear reads with both and wins instead (GPT-2 small's
                        lm_head 3.9 ms against 11.7, c_attn 0.16 against 0.34). So which of the two a shape takes
-                       is measured once per process, on first use (fastest_one_row).
+                       is measured once per process, on first use (fastest), as for a few rows below.
     more rows, or      oneDNN's inner product on the weight packed once, on first use, into its blocked layout
     bfloat16           (kept beside the weight: a second copy). Batched sampling and beams multiply a few rows by
                        each weight, where MKL's small-M products fall to a quarter of the CPU's speed: GPT-2
                        small's lm_head for 8 rows, 7.0 ms against 15-24; bfloat16 one row 3.0 ms, 8 rows 3.4
-                       (F.linear: 4.7 and 5.9).
+                       (F.linear: 4.7 and 5.9). Up to FEW_ROWS float32 rows F.linear can win instead (the Intel
+                       Xeon, 3 rows of the offline model's 256-wide layers: 0.011 ms against 0.025): timed too.
     float16            F.linear (oneDNN packs float16 only where the CPU has avx512_fp16 or avx_ne_convert).
     Same products, summed in another order: equal to nn.Linear to float rounding (tests/test_fast.py)."""
 
     def forward(self, x, gelu=False):  # x (..., in) -> (..., out); gelu: GPT-2's GELU of it, fused where packed
         way = self.way(x)
+        if way != "linear" and x.dtype == torch.float32 and x.numel() // x.size(-1) <= FEW_ROWS:
+            way = fastest(self, x, way)  # this CPU's faster product for so few rows, timed once
         if way == "packed":
-            post = ("gelu", [], "tanh") if gelu else ("none", [], "")  # oneDNN applies the GELU to its float32 sums
-            rows = x.numel() // x.size(-1)
-            y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, -1), self.__dict__["packed"], self.bias, *post)
-            return y.view(*x.shape[:-1], -1)
-        if way == "one row" and fastest_one_row(self, x) == "linear":
-            way = "linear"
+            return self.packed_product(x, gelu)
         y = self.one_row(x) if way == "one row" else F.linear(x, self.weight, self.bias)
         return F.gelu(y, approximate="tanh") if gelu else y
+
+    def packed_product(self, x, gelu=False):  # oneDNN's product with the weight packed by way()
+        post = ("gelu", [], "tanh") if gelu else ("none", [], "")  # oneDNN applies the GELU to its float32 sums
+        rows = x.numel() // x.size(-1)
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, -1), self.__dict__["packed"], self.bias, *post)
+        return y.view(*x.shape[:-1], -1)
 
     def way(self, x):  # -> "linear", "one row" or "packed" (packing the weight first where it is new or changed)
         w = self.weight
@@ -123,15 +127,19 @@ class DecodeLinear(nn.Linear):
         return (y if b is None else y + b).view(*x.shape[:-1], out)
 
 
-ONE_ROW = {}  # (in, out, threads) -> "one row" or "linear": the faster product of one float32 row on this CPU
+FEW_ROWS = 8  # up to this many float32 rows, which product is faster depends on the CPU: timed, not assumed
+FASTEST = {}  # (in, out, rows, threads) -> "one row", "packed" or "linear", as fastest() found it
 
 
-def fastest_one_row(linear, x, rounds=5):
-    """-> "one row" or "linear", whichever multiplies one row by this shape of weight faster here, timed on first
-    use (the best of a few calls of each; a few ms, once per shape and process). Both are equal to float rounding."""
-    key = (linear.in_features, linear.out_features, torch.get_num_threads())
-    if key not in ONE_ROW:
-        ways = {"one row": linear.one_row, "linear": lambda v: F.linear(v, linear.weight, linear.bias)}
+def fastest(linear, x, way, rounds=5):
+    """-> way (DecodeLinear.way's choice for x) or "linear" (MKL's F.linear), whichever multiplies this many rows
+    by this shape of weight faster here: timed on first use, the best of a few calls of each (a few ms, once per
+    shape, row count and process). All are equal to nn.Linear to float rounding."""
+    rows = x.numel() // x.size(-1)
+    key = (linear.in_features, linear.out_features, rows, torch.get_num_threads())
+    if key not in FASTEST:
+        ways = {way: linear.one_row if way == "one row" else linear.packed_product,
+                "linear": lambda v: F.linear(v, linear.weight, linear.bias)}
         best = {}
         for name, product in ways.items():
             product(x)  # warm-up
@@ -141,8 +149,8 @@ def fastest_one_row(linear, x, rounds=5):
                 product(x)
                 times.append(time.perf_counter() - t)
             best[name] = min(times)
-        ONE_ROW[key] = min(best, key=best.get)
-    return ONE_ROW[key]
+        FASTEST[key] = min(best, key=best.get)
+    return FASTEST[key]
 
 
 def linear_gelu(linear, x):

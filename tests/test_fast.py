@@ -55,27 +55,30 @@ def test_logits(fast_model, offline_model, rows):
         assert_near(fast_model(idx), offline_model(idx), RTOL, f"rows {rows}: logits")
 
 
-def test_one_row_takes_whichever_product_this_cpu_runs_faster(monkeypatch):
-    """fastest_one_row times both one-row products once per shape (the blocked bmm wins on the AMD EPYC, MKL's
-    F.linear on the Intel Xeon) and forward() takes the one it found, each equal to nn.Linear."""
+@pytest.mark.parametrize("rows", [1, 3])
+def test_few_rows_take_whichever_product_this_cpu_runs_faster(monkeypatch, rows):
+    """fastest() times DecodeLinear's own way (one row: the blocked bmm; a few rows: oneDNN's packed product)
+    against MKL's F.linear once per shape and row count (the first wins on the AMD EPYC, the second on the Intel
+    Xeon), and forward() takes the one it found; each equal to nn.Linear."""
     torch.manual_seed(0)
     linear = fast.DecodeLinear(64, 96).requires_grad_(False)
-    x = torch.randn(1, 1, 64)
-    monkeypatch.setattr(fast, "ONE_ROW", {})
+    x = torch.randn(rows, 1, 64)
+    own = "one row" if rows == 1 else "packed"
+    key = (64, 96, rows, torch.get_num_threads())
+    monkeypatch.setattr(fast, "FASTEST", {})
+    want = torch.nn.functional.linear(x, linear.weight, linear.bias)
     with torch.no_grad():
-        found = fast.fastest_one_row(linear, x)
-        assert found in ("one row", "linear") and fast.ONE_ROW == {(64, 96, torch.get_num_threads()): found}
-        for way in ("one row", "linear"):
-            fast.ONE_ROW[(64, 96, torch.get_num_threads())] = way
+        assert_near(linear(x), want, RTOL, f"{rows} rows, as timed")
+        assert fast.FASTEST[key] in (own, "linear") and list(fast.FASTEST) == [key]
+        for way in (own, "linear"):
+            fast.FASTEST[key] = way
             called = []
-            monkeypatch.setattr(fast.DecodeLinear, "one_row", lambda self, v: called.append(1) or
-                                torch.zeros(*v.shape[:-1], 96))
-            y = linear(x)
-            monkeypatch.undo()
-            monkeypatch.setattr(fast, "ONE_ROW", {(64, 96, torch.get_num_threads()): way})
-            assert bool(called) == (way == "one row" and torch.get_num_threads() > 1)
-            if way == "linear":
-                assert_near(y, torch.nn.functional.linear(x, linear.weight, linear.bias), RTOL, "linear way")
+            name = "one_row" if rows == 1 else "packed_product"
+            product = getattr(fast.DecodeLinear, name)
+            monkeypatch.setattr(fast.DecodeLinear, name, lambda self, *a, p=product: called.append(1) or p(self, *a))
+            assert_near(linear(x), want, RTOL, f"{rows} rows, {way}")
+            monkeypatch.setattr(fast.DecodeLinear, name, product)
+            assert bool(called) == (way == own)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
