@@ -28,13 +28,8 @@ from minprefix.prefix import KVPrefix, label_weights  # noqa: E402
 
 
 def machine():
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-        name = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
-        return f"{name}, {'with' if 'amx_bf16' in info.split() else 'without'} AMX"
-    except (OSError, StopIteration):
-        return "an unknown CPU"
+    amx = fast.cpu_has("amx_bf16")
+    return f"{fast.cpu_name()}, {'with' if amx else 'without' if amx is False else 'AMX unknown,'} AMX"
 
 
 def one_round(model, idx, cache, tokens, seed, eot):

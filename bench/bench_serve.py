@@ -37,14 +37,6 @@ def free_port():
         return s.getsockname()[1]
 
 
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        import platform
-        return platform.processor() or platform.machine()
-
 
 def tone_prefix(model_dir, folder, prefix_len=10):
     """A K/V prefix whose two labels start from words of their tone, saved with the package's own save."""
@@ -156,7 +148,7 @@ def main():
     args = p.parse_args()
 
     import torch
-    from minprefix.fast import cpu_has
+    from minprefix.fast import cpu_has, cpu_name
     folder = tempfile.mkdtemp(prefix="bench-serve-")
     prefix = args.prefix or tone_prefix(args.model, folder)
     server, port = start_server(prefix, args.model, folder, *(["--reference"] if args.reference else []))

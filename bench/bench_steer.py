@@ -27,13 +27,8 @@ from minprefix.trainer import batch_loss, contrastive_loss  # noqa: E402
 
 
 def machine():
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        name = "unknown CPU"
     amx = fast.cpu_has("amx_bf16")
-    return f"{name}, {os.cpu_count()} cores, {'with' if amx else 'no'} AMX, torch {torch.__version__}"
+    return f"{fast.cpu_name()}, {os.cpu_count()} cores, {'with' if amx else 'no'} AMX, torch {torch.__version__}"
 
 
 def load(name):

@@ -45,7 +45,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -506,13 +505,6 @@ def make_weights(folder):
     return True
 
 
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
 
 def fmt_range(values, f="{:,.1f}"):
     return f"{f.format(statistics.median(values))} [{f.format(min(values))}-{f.format(max(values))}]"
@@ -567,6 +559,7 @@ def main():
                 print(f"round {r + 1}/{args.rounds} {workload} {side}: "
                       f"{runs[workload][side][-1]['tokens_per_s']:,.1f}", file=sys.stderr)
 
+    from minprefix.fast import cpu_name
     machine = torch.cuda.get_device_name() if cuda else f"{cpu_name()}, {os.cpu_count()} cores"
     ct2 = ""
     if have_ct2:

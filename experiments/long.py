@@ -23,7 +23,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 import time
 
@@ -134,14 +133,7 @@ def summarise(scores, alpha):
 
 
 def machine():
-    name = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-        name = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
-        amx = "amx_bf16" in info.split()
-    except (OSError, StopIteration):
-        amx = None
+    name, amx = fast.cpu_name(), fast.cpu_has("amx_bf16")
     threads = torch.get_num_threads()
     return (f"{name}, {'with' if amx else 'without' if amx is False else 'AMX unknown,'} AMX, {threads} "
             f"thread{'s' if threads > 1 else ''}")

@@ -183,6 +183,17 @@ def cpu_has(*flags):
         return None
 
 
+def cpu_name():
+    """The CPU's model name as /proc/cpuinfo gives it (what `lscpu` prints), else the platform's; for benchmarks'
+    headers, which name the machine they ran on."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        import platform
+        return platform.processor() or platform.machine() or "an unknown CPU"
+
+
 def cpu_has_bfloat16():  # bfloat16 dot-product units: x86 avx512_bf16 or amx_bf16, Arm bf16
     return cpu_has("avx512_bf16", "amx_bf16", "bf16")
 

@@ -1,6 +1,8 @@
 """Shared fixtures: the offline model, and HF reference models written to disk in the hub's layouts."""
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,16 @@ OFFLINE_MODEL = Path(os.environ.get("MINPREFIX_TEST_MODEL", SHARED / "models" / 
 # start inherit it)
 if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED / "tiktoken").is_dir():
     os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED / "tiktoken")
+
+
+def run_script(script, *args, check=True):
+    """python REPO/script args... in a subprocess, from the checkout's root -> CompletedProcess (text); with check,
+    a non-zero exit fails the test with the script's output."""
+    p = subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=REPO, capture_output=True,
+                       text=True, timeout=900)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{script} exited {p.returncode}:\n{p.stdout}\n{p.stderr}")
+    return p
 
 
 def assert_near(actual, expected, rtol, what="values"):

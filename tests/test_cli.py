@@ -12,18 +12,11 @@ import pytest
 import torch
 
 from conftest import REPO, SHARED, assert_near
+from conftest import run_script as run  # a script in a subprocess
 from minprefix.guidance import DEFAULT_STRENGTH
 from minprefix.prefix import load_prefix
 
 pytestmark = pytest.mark.slow  # the scripts run end to end in subprocesses: python -m pytest -m "not slow" leaves them out
-
-
-def run(script, *args, check=True):
-    p = subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=REPO, capture_output=True,
-                       text=True, timeout=900)
-    if check and p.returncode != 0:
-        raise AssertionError(f"{script} exited {p.returncode}:\n{p.stdout}\n{p.stderr}")
-    return p
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,11 @@ that a few dozen tokens cross several re-encodings."""
 import copy
 import dataclasses
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, run_script
 
 from minprefix import GPT2, GPTConfig, KVCache, Tokenizer, fast
 from minprefix.evaluation import prefix_attention
@@ -288,12 +286,8 @@ def test_a_slow_schedule_changes_the_mix_every_step_of_alpha():
 
 # ---- sample.py ----
 
-def run(*args, check=True):
-    p = subprocess.run([sys.executable, str(REPO / "sample.py"), *map(str, args)], cwd=REPO, capture_output=True,
-                       text=True, timeout=900)
-    if check and p.returncode != 0:
-        raise AssertionError(f"sample.py exited {p.returncode}:\n{p.stdout}\n{p.stderr}")
-    return p
+def run(*args, check=True):  # sample.py in a subprocess
+    return run_script("sample.py", *args, check=check)
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import EOT, REPO, assert_near
+from conftest import run_script as run  # a script in a subprocess
 from minprefix import Tokenizer, fast
 from minprefix.data import encode, label_names, read_jsonl
 from minprefix.generate import generate, pad_left
@@ -252,16 +253,6 @@ def test_contrastive_needs_labels_to_tell_apart(offline_model, items, tmp_path):
 
 
 # ---- the scripts ----
-
-def run(script, *args, check=True):
-    import subprocess
-    import sys
-    p = subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=REPO, capture_output=True,
-                       text=True, timeout=900)
-    if check and p.returncode != 0:
-        raise AssertionError(f"{script} exited {p.returncode}:\n{p.stdout}\n{p.stderr}")
-    return p
-
 
 @pytest.fixture(scope="module")
 def saved_prefix(offline_model, tmp_path_factory):
