@@ -14,7 +14,9 @@ With two labels and alpha (w = (alpha, 1 - alpha) for positive, negative) this i
 What the labels' texts share (their topic, their style) cancels in the difference; what tells them apart is what
 is added. As DExperts does, the sum is taken only over the anchor's own nucleus, the likeliest tokens until their
 probability reaches FILTER_P (its filter_p, 0.9): every other token is -inf, so guidance re-ranks what the anchor
-would plausibly write and never brings in a token the anchor finds implausible. And guidance steers what is
+would plausibly write and never brings in a token the anchor finds implausible. Where the anchor is so sure the text
+ends that its nucleus is <|endoftext|> alone, the nucleus of the other tokens joins it: a text held back from
+ending (min_new_tokens) then still has tokens to write. And guidance steers what is
 written, not when it ends: <|endoftext|> keeps the anchor's logit (given eot). Without this the labels' texts'
 small difference in where they end is amplified too: on data/ the negative end's texts came out half as long as
 the positive end's, and shorter texts carry less tone (docs/results.md). The anchor:
@@ -62,6 +64,11 @@ class Guided(nn.Module):
         coef = self.coef.to(z.device).t().reshape(-1, self.rows, *([1] * (z.dim() - 2)))  # (n, B, 1.., 1)
         anchor = z[0]
         nucleus = self.probabilities(anchor.reshape(-1, anchor.size(-1)), top_p=FILTER_P).view_as(anchor) > 0
+        if self.eot is not None:  # the end alone in the nucleus: the rest's own nucleus joins it, so that a text
+            only = (nucleus.sum(-1) == 1) & nucleus[..., self.eot]  # held back from ending (min_new_tokens) still
+            if only.any():  # has tokens to write; elsewhere the nucleus is DExperts' own
+                rest = anchor[only].index_fill(-1, torch.tensor([self.eot], device=z.device), float("-inf"))
+                nucleus[only] |= self.probabilities(rest, top_p=FILTER_P) > 0
         guided = anchor + (coef * z[1:]).sum(0)
         if self.eot is not None:
             guided[..., self.eot] = anchor[..., self.eot]

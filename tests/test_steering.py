@@ -89,6 +89,42 @@ def test_guidance_leaves_the_end_of_text_to_the_anchor(offline_model):
     assert not torch.equal(a[..., EOT][inside], b[..., EOT][inside])  # unheld, it is guided like any token
 
 
+class Fixed(torch.nn.Module):
+    """A "model" whose every position's logits are the rows given: ((1 + n) * B, V), guidance's row order."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits, self.config = logits, None
+
+    def forward(self, idx, kv_cache=None, real=None):
+        return self.logits[:, None, :].expand(-1, idx.size(1), -1)
+
+
+def test_an_end_the_anchor_is_sure_of_still_leaves_tokens_to_write():
+    """Where the anchor's nucleus is <|endoftext|> alone, the other tokens' own nucleus joins it: held back
+    (min_new_tokens), a text goes on with a token the anchor finds likely, where it once had none to draw (NaN).
+    Every other row's nucleus is DExperts' own."""
+    from minprefix.generate import decode, probabilities
+    V, eot = 6, 5
+    sure = torch.tensor([2.0, 1.0, 0.0, -5.0, -5.0, 12.0])  # p(eot) > 0.9999
+    plain = torch.tensor([2.0, 1.5, 0.5, 0.0, -1.0, 1.0])
+    labels = torch.randn(4, V)  # two labels x two rows
+    guided = Guided(Fixed(torch.cat([torch.stack([sure, plain]), labels])), torch.tensor([[0.0, 1.0]] * 2), 1.0,
+                    eot=eot, probabilities=probabilities)
+    out = guided(torch.zeros(2, 1, dtype=torch.long))[:, -1]  # (2, V)
+    rest = sure.clone()
+    rest[eot] = float("-inf")
+    want = in_nucleus(rest, FILTER_P)
+    want[eot] = True
+    assert torch.equal(out[0].isfinite(), want) and want.sum() == 3  # the end, tokens 0 and 1
+    assert torch.equal(out[1].isfinite(), in_nucleus(plain, FILTER_P))
+    assert out[0, eot] == sure[eot]  # the end keeps the anchor's logit
+    tokens = list(decode(out, lambda x: out, 20, 1.0, None, None, eot, seed=0, min_new_tokens=20))
+    assert all(int(t[0]) in (0, 1) for t in tokens)  # no NaN: the held-back row writes the anchor's likely tokens
+    assert Guided(Fixed(torch.cat([torch.stack([sure, plain]), labels])), torch.tensor([[0.0, 1.0]] * 2), 1.0,
+                  probabilities=probabilities)(torch.zeros(2, 1, dtype=torch.long))[0, -1].isfinite().sum() == 1
+
+
 @pytest.mark.parametrize("mode", ["kv", "embedding", "lora"])
 def test_at_strength_zero_the_kv_mix_and_at_an_even_mix_the_anchor(offline_model, mode):
     """No guidance is method.apply itself; at alpha 0.5 the labels' weights cancel and what is left is the anchor:
