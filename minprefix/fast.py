@@ -480,7 +480,7 @@ def token_nll(model, idx, targets, kv_cache=None):
 
 @torch.no_grad()
 def stream(model, idx, max_new_tokens=50, kv_cache=None, real=None, temperature=1.0, top_k=None, top_p=None,
-           *, eot, seed=None, cuda_graph=None, min_new_tokens=0, tone=None, keep=KEEP):
+           *, eot, seed=None, cuda_graph=None, min_new_tokens=0, tone=None, keep=KEEP, frequency_penalty=0.0):
     """generate.stream with three pieces replaced: the prompt's logits only at its last position (the reference
     computes all T, and on a CPU the lm_head is most of a prompt's cost), each later step through a StaticKVCache,
     replayed as one CUDA graph on a GPU (cuda_graph: default on a GPU), and the nucleus drawn without sorting the
@@ -490,7 +490,7 @@ def stream(model, idx, max_new_tokens=50, kv_cache=None, real=None, temperature=
     n, logits, step = start(model, idx, max_new_tokens, kv_cache, real, cuda_graph, tone, keep)
     if n == 0:
         return
-    yield from decode(logits, step, n, temperature, top_k, top_p, eot, seed, min_new_tokens, sample)
+    yield from decode(logits, step, n, temperature, top_k, top_p, eot, seed, min_new_tokens, sample, frequency_penalty)
 
 
 @torch.no_grad()

@@ -103,21 +103,41 @@ class Window:
         return self.idx, self.real
 
 
-def decode(logits, step, max_new_tokens, temperature, top_k, top_p, eot, seed=None, min_new_tokens=0, pick=sample):
+REPEAT_WINDOW = 64  # frequency_penalty counts a token's uses among the last this many tokens written
+
+
+def penalize(logits, recent, frequency_penalty):
+    """logits (B, V), recent (B, W): the row's last W tokens written -> logits less frequency_penalty for each
+    use of a token among them. OpenAI's frequency_penalty, counted over a window rather than the whole text: over
+    2,000 tokens every common word has been used many times, and whole-text counts would push the text off them.
+    It breaks the loops a small model falls into on long texts (docs/long.md)."""
+    counts = torch.zeros_like(logits).scatter_add_(1, recent, torch.ones(recent.shape, dtype=logits.dtype,
+                                                                         device=logits.device))  # (B, V)
+    return logits - frequency_penalty * counts
+
+
+def decode(logits, step, max_new_tokens, temperature, top_k, top_p, eot, seed=None, min_new_tokens=0, pick=sample,
+           frequency_penalty=0.0):
     """The sampling loop. logits (B, V): the next token's; step: tokens (B, 1) -> the next logits (B, V).
     Yields (B, 1) tokens; a row that has written eot writes eot from then on; ends when every row has (eot None:
     never, every row runs to max_new_tokens). min_new_tokens: eot is held back (its logit -inf) until that many
-    tokens are written. pick: sample, or a function that draws the same tokens (fast.sample)."""
+    tokens are written. pick: sample, or a function that draws the same tokens (fast.sample). frequency_penalty:
+    penalize() before each pick, over the last REPEAT_WINDOW new tokens."""
     generator = torch.Generator(device=logits.device).manual_seed(seed) if seed is not None else None
     done = torch.zeros(logits.size(0), dtype=torch.bool, device=logits.device)
+    recent = torch.zeros(logits.size(0), 0, dtype=torch.long, device=logits.device)  # (B, <= REPEAT_WINDOW)
     for i in range(max_new_tokens):
         logits = logits.float()
         if eot is not None and i < min_new_tokens:
             logits = logits.index_fill(-1, torch.tensor([eot], device=logits.device), float("-inf"))
+        if frequency_penalty:
+            logits = penalize(logits, recent, frequency_penalty)
         x = pick(logits, temperature, top_k, top_p, generator)  # (B, 1)
         if eot is not None:
             x = x.masked_fill(done[:, None], eot)
             done |= x[:, 0] == eot
+        if frequency_penalty:
+            recent = torch.cat([recent, x], 1)[:, -REPEAT_WINDOW:]
         yield x
         if i == max_new_tokens - 1 or done.all():
             return
@@ -142,19 +162,21 @@ def replace_prefix(cache, prefix):
 
 @torch.no_grad()
 def stream(model, idx, max_new_tokens=50, kv_cache=None, real=None, temperature=1.0, top_k=None, top_p=None,
-           *, eot, seed=None, min_new_tokens=0, tone=None, keep=KEEP):
+           *, eot, seed=None, min_new_tokens=0, tone=None, keep=KEEP, frequency_penalty=0.0):
     """Yields the new tokens, (B, 1) at a time. idx (B, T) prompt tokens, padded on the left where real (B, T) is
     False. kv_cache: where the text starts, e.g. a prefix (`prefix.cache(model, weights)`, one row per row of
     idx); it is left as it was. temperature 0 is greedy. eot: the model's end-of-text id (Tokenizer.eot), where a
     row stops; None: no row stops before max_new_tokens. Past the context's end the text goes on (Window: keep is
     the share of the window kept). min_new_tokens: no eot before that many tokens. tone: the mix on a schedule
-    (minprefix/tone.py), token number j -> None, or (model, prefix cache) to write token j with."""
+    (minprefix/tone.py), token number j -> None, or (model, prefix cache) to write token j with. frequency_penalty:
+    each use of a token among the last REPEAT_WINDOW written lowers its logit by this much (penalize)."""
     check_sampling(temperature, top_k, top_p)
     check_lengths(max_new_tokens, min_new_tokens)
     n, logits, step = start(model, idx, max_new_tokens, kv_cache, real, tone, keep)
     if n == 0:
         return
-    yield from decode(logits, step, n, temperature, top_k, top_p, eot, seed, min_new_tokens)
+    yield from decode(logits, step, n, temperature, top_k, top_p, eot, seed, min_new_tokens,
+                      frequency_penalty=frequency_penalty)
 
 
 @torch.no_grad()

@@ -41,7 +41,7 @@ except ImportError as e:  # the optional extra
 
 from minprefix import fast
 from minprefix.data import source_prompt
-from minprefix.generate import pad_left, probabilities, start
+from minprefix.generate import REPEAT_WINDOW, pad_left, penalize, probabilities, start
 from minprefix.guidance import ANCHORS, DEFAULT_ANCHOR, DEFAULT_STRENGTH, guide
 from minprefix.prefix import mix_weights
 from minprefix.tokenizer import Tokenizer
@@ -73,10 +73,11 @@ NUMBERS = {
     "seed": (None, int, lambda v: v >= 0, "an integer >= 0"),
     "alpha": (None, float, lambda v: True, "a number"),  # its range is checked with the labels
     "guidance": (None, float, lambda v: v >= 0, "a number >= 0 (0: the K/V mix alone)"),  # minprefix/guidance.py
+    "frequency_penalty": (0.0, float, lambda v: -2 <= v <= 2, "a number in [-2, 2] (OpenAI's range; 0: off)"),
 }
 # OpenAI fields the server does not implement: accepted only at the value that means "off"
 OFF = {"echo": (False,), "logprobs": (None, 0), "best_of": (None, 1), "suffix": (None, ""),
-       "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "logit_bias": (None, {})}
+       "presence_penalty": (None, 0), "logit_bias": (None, {})}
 OTHERS = {"prompt", "stream", "stream_options", "stop", "weights", "label", "extrapolate", "model", "user",
           "guide_from"}
 
@@ -175,15 +176,23 @@ class Row:
 
 
 def pick(logits, rows, eot, probabilities=probabilities):
-    """logits (B, V) -> tokens (B, 1): each live row by its own settings and generator, rows sharing settings
-    through one probabilities() call (generate's, or fast's); rows done or gone take <|endoftext|>."""
+    """logits (B, V) -> tokens (B, 1): each live row by its own settings and generator (its frequency_penalty
+    over its own last tokens, generate.penalize), rows sharing settings through one probabilities() call
+    (generate's, or fast's); rows done or gone take <|endoftext|>."""
     tokens = [eot] * len(rows)
     groups = {}
+    logits = logits.float()
     for i, r in enumerate(rows):
         if r.live:
             groups.setdefault(r.sampling, []).append(i)
+    penalized = [i for i in range(len(rows)) if rows[i].live and rows[i].settings["frequency_penalty"]]
+    if penalized:
+        logits = logits.clone()  # the caller's stay as they were
+        for i in penalized:
+            recent = torch.tensor([rows[i].tokens[-REPEAT_WINDOW:]], dtype=torch.long, device=logits.device)
+            logits[i:i + 1] = penalize(logits[i:i + 1], recent, rows[i].settings["frequency_penalty"])
     for (temperature, top_k, top_p), members in groups.items():
-        chosen = logits[members].float()  # (b, V)
+        chosen = logits[members]  # (b, V)
         if temperature == 0:
             got = chosen.argmax(dim=-1).tolist()
         else:

@@ -284,17 +284,18 @@ def sse(server, body):
 @pytest.mark.slow
 def test_greedy_text_equals_sample_py(server, prefix_file, offline_model_dir, tmp_path):
     out = tmp_path / "out.jsonl"
-    for prompt, alpha, guidance, anchor in (("The film", 0.25, 0, "bare"), ("", 1.0, 0, "bare"),
-                                            ("The film", 0.0, 2.0, "bare"), ("The plot", 1.0, 1.5, "mix")):
+    for prompt, alpha, guidance, anchor, penalty in (("The film", 0.25, 0, "bare", 0), ("", 1.0, 0, "bare", 0),
+                                                     ("The film", 0.0, 2.0, "bare", 0), ("The plot", 1.0, 1.5, "mix", 0),
+                                                     ("The film", 0.0, 1.0, "bare", 1.5)):
         p = subprocess.run([sys.executable, str(REPO / "sample.py"), "--prefix", str(prefix_file), "--model",
                             str(offline_model_dir), "--prompt", prompt, "--alpha", str(alpha), "--temperature", "0",
                             "--n", "1", "--max-new-tokens", "20", "--output", str(out), "--guidance", str(guidance),
-                            "--guide-from", anchor],
+                            "--guide-from", anchor, "--frequency-penalty", str(penalty)],
                            cwd=REPO, capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, p.stderr
         want = json.loads(out.read_text())["text"]
         status, got = server.post({"prompt": prompt, "alpha": alpha, "max_tokens": 20, "temperature": 0,
-                                   "guidance": guidance, "guide_from": anchor})
+                                   "guidance": guidance, "guide_from": anchor, "frequency_penalty": penalty})
         assert status == 200, got
         assert got["choices"][0]["text"] == want and len(got["choices"]) == 1
         assert got["usage"]["prompt_tokens"] == 1 + len(Tokenizer().encode(prompt))
@@ -371,6 +372,7 @@ BAD = [  # (the body, or raw bytes; the field the error names, or None for the b
     ({"prompt": "x", "stop": ["a", ""]}, "stop", "non-empty"),
     ({"prompt": "x", "stream": "yes"}, "stream", "true or false"),
     ({"prompt": "x", "echo": True}, "echo", "not supported"),
+    ({"prompt": "x", "frequency_penalty": 2.5}, "frequency_penalty", "in [-2, 2]"),
     ({"prompt": "x", "alpah": 0.5}, "alpah", "unknown field"),
     ({"prompt": "x", "guidance": -1}, "guidance", ">= 0"),
     ({"prompt": "x", "guidance": "strong"}, "guidance", "number"),
