@@ -32,13 +32,13 @@ from minprefix.data import source_prompt
 from minprefix.e2e import DECODING
 from minprefix.env import load_env
 from minprefix.beam import hypotheses
-from minprefix.generate import pad_left, stream
+from minprefix.generate import REPEAT_WINDOW, pad_left, stream
 from minprefix.guidance import ANCHORS, DEFAULT_ANCHOR, DEFAULT_STRENGTH, guide
 from minprefix.method import latest, load, read_meta
 from minprefix.prefix import DEFAULT_CHECKPOINT, mix_weights
 from minprefix.tone import Tone, parse_schedule
 
-SAMPLING = {"temperature": 0.8, "top_p": 0.9, "top_k": None, "seed": 0}  # defaults when sampling, not with beams
+SAMPLING = {"temperature": 0.8, "top_p": 0.9, "top_k": None, "seed": 0, "frequency_penalty": 0.0}  # defaults when sampling, not with beams
 
 
 def parser():
@@ -60,7 +60,7 @@ def parser():
                    "anchor and each label alone, its next token drawn from z_anchor + strength * (2 alpha - 1) * "
                    "(z_positive - z_negative) (DExperts with the labels' prefixes as experts; minprefix/guidance.py); "
                    f"0 for the K/V mix alone (default: {DEFAULT_STRENGTH:g} when sampling with two or more labels; "
-                   "not with --num-beams)")
+                   "0 with --prefix-boost, which it would undo over long texts (docs/long.md); not with --num-beams)")
     p.add_argument("--guide-from", default=DEFAULT_ANCHOR, choices=ANCHORS, help="guidance's anchor: bare, the model "
                    "without a prefix (DExperts' form: the labels' shared style cancels, the bare model's fluency "
                    "stays), or mix, the K/V mix at alpha (default: %(default)s)")
@@ -85,7 +85,12 @@ def parser():
                    "is at least that long (default: 0; with beams and a source -> text checkpoint 5, as eval.py --task e2e)")
     p.add_argument("--prefix-boost", type=float, default=0.0, help="hold the prefix's tone over long texts: its "
                    "keys weigh 1 + B * n / P times more in attention, n the text's positions so far, P the prefix's "
-                   "(DTPA-style; docs/long.md measures it); prefixes only (default: 0, off)")
+                   "(DTPA-style; docs/long.md measures it: 2 holds either end over 2,000 tokens, at a cost in "
+                   "fluency); prefixes only; guidance is then off unless --guidance is given (default: 0, off)")
+    p.add_argument("--frequency-penalty", type=float, help="each use of a token among the last "
+                   f"{REPEAT_WINDOW} written lowers its logit by this much (OpenAI's frequency_penalty, counted over a "
+                   "window; it breaks the loops a small model falls into on long texts, docs/long.md) (default: 0, off; "
+                   "not with --num-beams)")
     p.add_argument("--allow-newlines", action="store_true", help="beam search with a source -> text checkpoint: "
                    "do not ban the newline tokens, \"\\n\" and \"\\n\\n\" (GPT-2's 198 and 628; the paper bans them)")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
@@ -110,7 +115,8 @@ def parser():
 PER_REQUEST = {"alpha": "alpha", "sentiment": "label", "weights": "weights", "extrapolate": "extrapolate",
                "prompt": "prompt", "prompts_file": "prompt", "output": None, "n": "n", "max_new_tokens": "max_tokens",
                "temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "num_beams": None,
-               "min_new_tokens": None, "allow_newlines": None, "stream": "stream", "seed": "seed"}
+               "min_new_tokens": None, "allow_newlines": None, "stream": "stream", "seed": "seed",
+               "frequency_penalty": "frequency_penalty"}
 
 
 def serve(p, args):
@@ -208,7 +214,8 @@ def main(argv=None):
     beams = args.num_beams > 1
     if beams:  # beam search is deterministic and picks its own tokens: refuse what it would silently ignore
         for flag, value in (("--temperature", args.temperature), ("--top-k", args.top_k), ("--top-p", args.top_p),
-                            ("--seed", args.seed), ("--stream", args.stream or None), ("--guidance", args.guidance)):
+                            ("--seed", args.seed), ("--stream", args.stream or None), ("--guidance", args.guidance),
+                            ("--frequency-penalty", args.frequency_penalty)):
             if value is not None:
                 p.error(f"{flag} does not apply to beam search (--num-beams {args.num_beams}), which is deterministic; "
                         f"drop {flag}, or sample with --num-beams 1")
@@ -247,7 +254,9 @@ def main(argv=None):
     method, meta = load(args.prefix, model)  # now checked against the base model
     weights, recorded, schedule = tone(p, args, meta, method.mixes)
     if args.guidance is None:
-        args.guidance = DEFAULT_STRENGTH if method.mixes and len(meta["labels"]) > 1 and not beams else 0.0
+        # not with the boost: over long texts the bare anchor drifts to the model's own tone and undoes it (docs/long.md)
+        args.guidance = (DEFAULT_STRENGTH if method.mixes and len(meta["labels"]) > 1 and not beams
+                         and not args.prefix_boost else 0.0)
     elif args.guidance and not (method.mixes and len(meta["labels"]) > 1):
         p.error(f"--guidance {args.guidance:g} combines the labels' logits; {args.prefix} has "
                 + (f"one label ({meta['labels'][0]})" if method.mixes else "no labels to mix") + ": drop --guidance")
@@ -310,7 +319,8 @@ def main(argv=None):
             continue
         steps = (fast.stream if fast.enabled() else stream)(run, idx, args.max_new_tokens, kv_cache=cache, real=real, seed=args.seed + start,
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eot=tok.eot,
-                              min_new_tokens=args.min_new_tokens or 0, tone=changing)
+                              min_new_tokens=args.min_new_tokens or 0, tone=changing,
+                              frequency_penalty=args.frequency_penalty)
         if streaming:  # one row: print each piece of text as soon as its characters are whole
             r = batch[0]
             print(f"[{r + 1}] {'' if conditional else rows[r][1]}", end="", flush=True)

@@ -25,6 +25,7 @@ import math
 import os
 import sys
 import time
+from collections import Counter
 
 import torch
 from tqdm import tqdm
@@ -37,6 +38,7 @@ from minprefix import Tokenizer, fast  # noqa: E402
 from minprefix.env import load_env  # noqa: E402
 from minprefix.evaluation import NEUTRAL_PROMPTS, Judge, mean, mean_interval, prefix_attention, wilson  # noqa: E402
 from minprefix.generate import pad_left  # noqa: E402
+from minprefix.guidance import ANCHORS, DEFAULT_ANCHOR  # noqa: E402
 from minprefix.method import describe, load, read_meta  # noqa: E402
 from minprefix.prefix import mix_weights  # noqa: E402
 from minprefix.tone import Tone, parse_schedule  # noqa: E402
@@ -50,37 +52,40 @@ def conditions(args):
     out = {}
     for boost in args.boosts:
         for alpha in args.alphas:
-            out[name(f"alpha {alpha:g}", boost)] = (f"{alpha:g}", boost, 0.0)
+            out[name(f"alpha {alpha:g}", boost, penalty=args.frequency_penalty)] = (f"{alpha:g}", boost, 0.0)
     for strength in args.guidance:  # guidance with each boost: the boost holds the experts' rows on their prefix
         for boost in args.boosts:
             for alpha in args.alphas:
-                out[name(f"alpha {alpha:g}", boost, strength)] = (f"{alpha:g}", boost, strength)
+                out[name(f"alpha {alpha:g}", boost, strength, args.guide_from, args.frequency_penalty)] = (f"{alpha:g}", boost, strength)
     if args.schedule:
         boost, strength = (0.0, args.guidance[-1]) if args.schedule_with == "guidance" else (args.boosts[-1], 0.0)
-        out[name(f"schedule {args.schedule}", boost, strength)] = (args.schedule, boost, strength)
+        out[name(f"schedule {args.schedule}", boost, strength, args.guide_from, args.frequency_penalty)] = (args.schedule, boost, strength)
     return out
 
 
-def name(what, boost, guidance=0.0):
-    return what + (f", boost {boost:g}" if boost else "") + (f", guidance {guidance:g}" if guidance else "")
+def name(what, boost, guidance=0.0, anchor=DEFAULT_ANCHOR, penalty=0.0):
+    return (what + (f", boost {boost:g}" if boost else "") + (f", guidance {guidance:g}" if guidance else "")
+            + (f" from {anchor}" if guidance and anchor != DEFAULT_ANCHOR else "")
+            + (f", frequency penalty {penalty:g}" if penalty else ""))
 
 
 def write(model, method, labels, schedule, boost, guidance, args, tok):
-    """-> the texts' new tokens, one list per sample. guidance: at the logits (minprefix/guidance.py, its default
-    anchor, the bare model), each sample decoded as three rows."""
+    """-> the texts' new tokens, one list per sample. guidance: at the logits (minprefix/guidance.py) from
+    --guide-from's anchor, each sample decoded as three rows; the boost holds every row that reads the prefix."""
     rows = [[tok.eot] + tok.encode(PROMPTS[i % len(PROMPTS)]) for i in range(args.samples)]
     out = [[] for _ in rows]
-    bar = tqdm(total=args.tokens, desc=f"  {name(schedule, boost, guidance)}", unit="tok", leave=False)
+    bar = tqdm(total=args.tokens, desc=f"  {name(schedule, boost, guidance, args.guide_from, args.frequency_penalty)}", unit="tok", leave=False)
     for start in range(0, len(rows), args.batch_size):
         batch = rows[start:start + args.batch_size]
         idx, real = pad_left(batch, tok.eot)
-        tone = Tone(method, model, labels, parse_schedule(schedule, extrapolate=True), len(batch), guidance, eot=tok.eot)
+        tone = Tone(method, model, labels, parse_schedule(schedule, extrapolate=True), len(batch), guidance,
+                    anchor=args.guide_from, eot=tok.eot)
         run, cache = tone.start()
         cache = cache.boosted(boost)
         bar.reset()
         for x in fast.stream(run, idx, args.tokens, kv_cache=cache, real=real, seed=args.seed + start, eot=tok.eot,
                              min_new_tokens=args.tokens, tone=None if tone.schedule.constant else tone,
-                             **SAMPLING):
+                             frequency_penalty=args.frequency_penalty, **SAMPLING):
             for j, t in enumerate(x[:, 0].tolist()):
                 out[start + j].append(t)
             bar.update(1)
@@ -120,6 +125,16 @@ def stretch_perplexity(model, texts, stretch, eot):
     return out
 
 
+LOOP_SHARE = 0.2  # a text's second half loops where one word is more than this share of its words
+
+
+def looping(text):
+    """-> whether text's second half is a loop: one word (split at spaces) more than LOOP_SHARE of its words (in
+    English prose the commonest, "the", is about 6%)."""
+    words = text[len(text) // 2:].split()
+    return bool(words) and max(Counter(words).values()) > LOOP_SHARE * len(words)
+
+
 def summarise(scores, alpha):
     """scores per stretch -> per stretch: mean, its 95% interval, and the share judged in alpha's direction (positive
     for alpha > 0.5, negative below) with its Wilson interval."""
@@ -139,11 +154,15 @@ def machine():
             f"thread{'s' if threads > 1 else ''}")
 
 
+def side_first(condition):  # the conditions of alpha 1, then of alpha 0, then the rest, each in the order they ran
+    return {"alpha 1": 0, "alpha 0": 1}.get(condition.split(",")[0], 2)
+
+
 def table(results, args):
     lines = [f"Prefix {results['prefix']} ({results['describe']}) on {results['base_model']}; {args.samples} samples a "
              f"condition, {args.tokens} new tokens each, judged by VADER per {args.stretch}-token stretch. "
              f"{results['machine']}.", ""]
-    names = [n for n in results["conditions"] if "summary" in results["conditions"][n]]
+    names = sorted((n for n in results["conditions"] if "summary" in results["conditions"][n]), key=side_first)
     if not names:
         return "\n".join(lines + ["(no condition has finished)"])
     k = len(results["conditions"][names[0]]["summary"])
@@ -160,10 +179,13 @@ def table(results, args):
     for n in names:
         s = results["conditions"][n]["summary"]
         lines.append(f"| {n} | " + " | ".join(f"{x['mean']:+.2f} [{x['ci'][0]:+.2f}, {x['ci'][1]:+.2f}]" for x in s) + " |")
-    lines += ["", "The base model's perplexity of each stretch read alone (no prefix): what the tone costs in fluency:",
-              "", "| condition | " + " | ".join(head) + " |", "|---" * (k + 1) + "|"]
+    lines += ["", "The base model's perplexity of each stretch read alone (no prefix): what the tone costs in fluency; "
+              f"and the texts whose second half loops (one word more than {LOOP_SHARE:.0%} of its words):",
+              "", "| condition | " + " | ".join(head) + " | texts looping |", "|---" * (k + 2) + "|"]
     for n in names:
-        lines.append(f"| {n} | " + " | ".join(f"{x:.1f}" for x in results["conditions"][n]["perplexity"]) + " |")
+        c = results["conditions"][n]
+        lines.append(f"| {n} | " + " | ".join(f"{x:.1f}" for x in c["perplexity"])
+                     + f" | {sum(map(looping, c['texts']))} of {len(c['texts'])} |")
     att = {n: c["attention"] for n, c in results["conditions"].items() if c.get("attention")}
     if att:
         layers = len(next(iter(att.values()))[0])
@@ -183,16 +205,15 @@ def table(results, args):
 def verdicts(results, args):
     """The issue's 'done when', read off the results."""
     c, out = results["conditions"], []
-    for boost, strength in [(b, 0.0) for b in args.boosts] + [(b, g) for g in args.guidance for b in args.boosts]:
-        for alpha, side in ((1, "positive"), (0, "negative")):
-            tag = name(f"alpha {alpha}", boost, strength)
-            s = c.get(tag, {}).get("summary")
-            if s:
-                drop = round(100 * (s[0]["share"] - s[-1]["share"]), 6)  # points, as a share of whole samples
-                ok = s[-1]["share"] >= 0.7 and drop <= 15
-                out.append(f"- {tag}: last stretch {side} in {s[-1]['share']:.0%} of samples (first "
-                           f"{s[0]['share']:.0%}, {drop:+.0f} points lost): {'meets' if ok else 'misses'} >= 70% "
-                           f"and <= 15 points")
+    for tag, v in sorted(c.items(), key=lambda kv: side_first(kv[0])):  # every finished condition of alpha 1 or 0
+        side = {"alpha 1": "positive", "alpha 0": "negative"}.get(tag.split(",")[0])
+        s = v.get("summary")
+        if side and s:
+            drop = round(100 * (s[0]["share"] - s[-1]["share"]), 6)  # points, as a share of whole samples
+            ok = s[-1]["share"] >= 0.7 and drop <= 15
+            out.append(f"- {tag}: last stretch {side} in {s[-1]['share']:.0%} of samples (first "
+                       f"{s[0]['share']:.0%}, {drop:+.0f} points lost): {'meets' if ok else 'misses'} >= 70% "
+                       f"and <= 15 points")
     for n, v in c.items():
         if n.startswith("schedule") and "summary" in v:
             s = v["summary"]
@@ -208,49 +229,54 @@ def plot(results, args, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     c = results["conditions"]
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    fig, grid = plt.subplots(2, 2, figsize=(15, 10))
+    axes = [grid[0, 0], grid[0, 1], grid[1, 0], grid[1, 1]]  # alpha 1, the other alphas, the schedule, attention
     mid = lambda k: [(i + 0.5) * args.stretch for i in range(k)]
-    colors = {"1": "tab:green", "0.5": "tab:gray", "0": "tab:red"}
-    for n, v in c.items():
+    drawn = [0, 0]
+    for n in sorted(c, key=side_first):
+        v = c[n]
         if "summary" not in v or n.startswith("schedule"):
             continue
-        s, alpha = v["summary"], n.split(",")[0].split()[1]
-        x = mid(len(s))
+        s, panel = v["summary"], 0 if n.split(",")[0] == "alpha 1" else 1
+        x, color = mid(len(s)), plt.get_cmap("tab10")(drawn[panel] % 10)
+        drawn[panel] += 1
         style = "--" if "boost" in n else ":" if "guidance" in n else "-"
-        axes[0].plot(x, [p["mean"] for p in s], style, color=colors.get(alpha, "k"), marker="o", label=n)
-        axes[0].fill_between(x, [p["ci"][0] for p in s], [p["ci"][1] for p in s], color=colors.get(alpha, "k"), alpha=0.12)
-    axes[0].set(title="tone over the text (solid: plain prefix, dashed: boosted, dotted: guided)", xlabel="new tokens",
-                ylabel="VADER score per stretch (mean, 95% interval)")
-    axes[0].axhline(0, color="k", lw=0.5)
-    axes[0].legend(fontsize=7)
+        axes[panel].plot(x, [p["mean"] for p in s], style, color=color, marker="o", label=n)
+        axes[panel].fill_between(x, [p["ci"][0] for p in s], [p["ci"][1] for p in s], color=color, alpha=0.08)
+    for panel, what in ((0, "alpha 1 (positive asked for)"), (1, "alpha 0 (negative asked for)")):
+        axes[panel].set(title=f"{what}: solid plain, dashed boosted, dotted guided", xlabel="new tokens",
+                        ylabel="VADER score per stretch (mean, 95% interval)", ylim=(-1.05, 1.05))
+        axes[panel].axhline(0, color="k", lw=0.5)
+        axes[panel].legend(fontsize=7, loc="lower left" if panel == 0 else "upper left")
     for n, v in c.items():
         if n.startswith("schedule") and "summary" in v:
             s = v["summary"]
             x = mid(len(s))
-            axes[1].errorbar(x, [p["mean"] for p in s], yerr=[[p["mean"] - p["ci"][0] for p in s],
+            axes[2].errorbar(x, [p["mean"] for p in s], yerr=[[p["mean"] - p["ci"][0] for p in s],
                                                                [p["ci"][1] - p["mean"] for p in s]],
                              marker="o", capsize=3, label=f"judge ({n})")
             schedule = parse_schedule(v["alpha"])
             ts = list(range(0, args.tokens + 1, 10))
-            twin = axes[1].twinx()
+            twin = axes[2].twinx()
             twin.plot(ts, [schedule.at(t) for t in ts], color="tab:orange", label="alpha")
             twin.set_ylabel("alpha (weight of positive)", color="tab:orange")
             twin.set_ylim(-0.05, 1.05)
-    axes[1].axhline(0, color="k", lw=0.5)
-    axes[1].set(title="a schedule 0 -> 1: the judge follows", xlabel="new tokens", ylabel="VADER score per stretch")
-    axes[1].legend(fontsize=7, loc="upper left")
+    axes[2].axhline(0, color="k", lw=0.5)
+    axes[2].set(title="a schedule 0 -> 1: the judge follows", xlabel="new tokens", ylabel="VADER score per stretch")
+    axes[2].legend(fontsize=7, loc="upper left")
     cmap = plt.get_cmap("viridis")
-    for n, v in c.items():
-        a = v.get("attention")
-        if not a:
-            continue
-        a = torch.tensor(a)  # (stretches, L)
+    shown = [n for n, v in c.items() if v.get("attention") and n.split(",")[0] == "alpha 1"]  # alpha 0's look alike
+    shown = [n for n in shown if not c[n]["boost"]] + sorted((n for n in shown if c[n]["boost"]),
+                                                             key=lambda n: c[n]["boost"])[-1:]  # plain, most boosted
+    for n in shown:
+        a = torch.tensor(c[n]["attention"])  # (stretches, L)
         for layer in range(a.size(1)):
-            axes[2].plot(mid(a.size(0)), a[:, layer], "--" if "boost" in n else "-", color=cmap(layer / a.size(1)),
-                         label=f"layer {layer}" if n == "alpha 1" else None)
-    axes[2].set(title="attention on the prefix (solid: plain; dashed: boosted)", xlabel="new tokens",
-                ylabel="share of each layer's attention", yscale="log")
-    axes[2].legend(fontsize=7, ncol=2)
+            axes[3].plot(mid(a.size(0)), a[:, layer], "--" if c[n]["boost"] else "-", color=cmap(layer / a.size(1)),
+                         label=f"layer {layer}" if n == shown[0] else None)
+    axes[3].set(title="attention on the prefix, alpha 1 (solid: plain; dashed: "
+                + (", ".join(n.split(", ", 1)[1] for n in shown if c[n]["boost"]) or "boosted") + ")",
+                xlabel="new tokens", ylabel="share of each layer's attention", yscale="log")
+    axes[3].legend(fontsize=7, ncol=2)
     fig.suptitle(f"{results['describe']} on the offline stand-in (NOT GPT-2), {args.samples} samples a condition; "
                  f"{results['machine']}", fontsize=9)
     fig.tight_layout()
@@ -272,6 +298,10 @@ def main():
                    "with each; the schedule with the last (default: %(default)s)")
     p.add_argument("--guidance", type=float, nargs="*", default=[], help="sample.py's --guidance: each alpha with each "
                    "strength and each boost (default: none)")
+    p.add_argument("--guide-from", choices=ANCHORS, default=DEFAULT_ANCHOR, help="guidance's anchor, as sample.py's "
+                   "--guide-from: the bare model, or the (boosted) K/V mix itself (default: %(default)s)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="sample.py's --frequency-penalty, for every "
+                   "condition of this run (default: %(default)s)")
     p.add_argument("--schedule-with", choices=("boost", "guidance"), default="boost", help="the schedule's remedy: "
                    "the last --boosts or the last --guidance (default: %(default)s)")
     p.add_argument("--schedule", default="0:0,2000:1", help="the --alpha schedule written with the last boost; '' for "
@@ -311,16 +341,21 @@ def main():
             texts = write(model, method, meta["labels"], schedule, boost, guidance, args, tok)
             seconds = time.time() - t0
             scores = judge_stretches(texts, judge, tok, args.stretch)
-            entry = {"alpha": schedule, "boost": boost, "guidance": guidance, "samples": args.samples, "seconds": seconds,
+            entry = {"alpha": schedule, "boost": boost, "guidance": guidance, "anchor": args.guide_from if guidance else None,
+                     "frequency_penalty": args.frequency_penalty,
+                     "samples": args.samples, "seconds": seconds,
                      "scores": scores, "summary": summarise(scores, parse_schedule(schedule, extrapolate=True).at(0)),
                      "perplexity": stretch_perplexity(model, texts, args.stretch, tok.eot),
                      "texts": [tok.decode(t) for t in texts]}
             if schedule in ("0", "1") and not guidance:
                 entry["attention"] = attention(model, method, meta["labels"], schedule, boost, texts, args, tok)
+            if os.path.exists(path):  # what another run of the study into the same --out finished meanwhile stays
+                results["conditions"] = {**json.load(open(path))["conditions"], **results["conditions"]}
             results["conditions"][cond] = entry
-            with open(path + ".tmp", "w") as f:
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
                 json.dump(results, f)
-            os.replace(path + ".tmp", path)
+            os.replace(tmp, path)
             print(f"  {seconds:.0f} s; per stretch: " + " ".join(f"{s['mean']:+.2f}" for s in entry["summary"]), flush=True)
     results.setdefault("describe", describe(meta))
     results.setdefault("machine", machine())

@@ -179,7 +179,7 @@ def test_long_study_reads_each_stretch_and_the_issues_bar():
     assert [x["share"] for x in s] == [0.5, 0.25] and s[0]["mean"] == pytest.approx(0.3025)
     assert [x["share"] for x in study.summarise([[0.9, -0.5, -0.2, 0.01]], alpha=0.0)] == [0.5]
     assert study.summarise([[0.9, -0.5]], alpha=0.5)[0]["share"] is None  # no direction asked for
-    args = argparse.Namespace(boosts=[0.0, 2.0], guidance=[])
+    args = argparse.Namespace(boosts=[0.0, 2.0], guidance=[], guide_from="bare", frequency_penalty=0.0)
     up = study.summarise([[-0.9, -0.8, -0.7], [0.0, 0.1, -0.1], [0.8, 0.9, 0.7]], alpha=0.0)
     results = {"conditions": {
         "alpha 1": {"summary": study.summarise([[0.9] * 10, [0.9] * 7 + [-0.9] * 3], 1.0)},
@@ -191,3 +191,12 @@ def test_long_study_reads_each_stretch_and_the_issues_bar():
     assert "monotone within the intervals" in lines[2] and "not monotone" not in lines[2]
     results["conditions"]["schedule 0:0,500:1, boost 2"]["summary"] = up[::-1]
     assert "not monotone" in study.verdicts(results, args)[2]
+    # guidance's anchor is in the condition's name and its verdict (the bare model's is the default, unnamed)
+    assert study.name("alpha 0", 2.0, 1.0, "mix") == "alpha 0, boost 2, guidance 1 from mix"
+    assert study.name("alpha 0", 2.0, 1.0) == "alpha 0, boost 2, guidance 1" == study.name("alpha 0", 2.0, 1.0, "bare")
+    assert study.name("alpha 0", 2.0, 0.0, "mix") == "alpha 0, boost 2"  # no guidance: no anchor
+    results["conditions"]["alpha 0, boost 2, guidance 1 from mix"] = results["conditions"]["alpha 0, boost 2"]
+    results["conditions"]["alpha 0.5"] = {"summary": study.summarise([[0.1] * 10], 0.5)}  # no direction: no verdict
+    lines = study.verdicts(results, args)  # every finished condition of alpha 0 or 1, whatever this run's flags
+    assert lines[2].startswith("- alpha 0, boost 2, guidance 1 from mix: last stretch negative in 90%")
+    assert len(lines) == 4 and lines[3].startswith("- schedule") and not any("alpha 0.5" in x for x in lines)

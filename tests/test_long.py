@@ -144,6 +144,32 @@ def test_min_new_tokens_holds_endoftext_back(offline_model, fast_model):
     assert len(tokens) == 30 and not any((t == EOT).any() for t in tokens)
 
 
+def test_the_frequency_penalty_counts_each_use_in_the_window(offline_model, fast_model):
+    """penalize: each use of a token among the last REPEAT_WINDOW written lowers its logit by the penalty, in the
+    sampling loop both paths share; across re-encodings the reference and the fast path write the same tokens."""
+    from minprefix.generate import REPEAT_WINDOW, decode, penalize
+    recent = torch.tensor([[1, 1, 3], [4, 4, 4]])
+    assert penalize(torch.zeros(2, 5), recent, 0.5).tolist() == [[0, -1, 0, -0.5, 0], [0, 0, 0, 0, -1.5]]
+    # a "model" that always prefers token 1 (10) to token 2 (3): greedy, token 1 is written 8 times (its logit
+    # then 10 - 8 < 3), then token 2, and so on; over 300 tokens each pick is the argmax of the logits less the counts in the last 64 tokens
+    base = torch.tensor([[0.0, 10.0, 3.0, -2.0]])
+    got = [int(x) for x in decode(base, lambda x: base, 300, 0, None, None, None, frequency_penalty=1.0)]
+    assert got[:9] == [1] * 8 + [2] and len(got) == 300
+    want = []
+    for _ in range(300):
+        counts = torch.bincount(torch.tensor(want[-REPEAT_WINDOW:], dtype=torch.long), minlength=4)
+        want.append(int((base[0] - counts).argmax()))
+    assert got == want and 3 in want  # token 3, 12 below token 1, is written too
+    assert [int(x) for x in decode(base, lambda x: base, 5, 0, None, None, None)] == [1] * 5  # 0: off
+    ref, quick = short(offline_model), short(fast_model)
+    idx, real = pad_left(prompts(), EOT)
+    cache = random_prefix(ref.config).cache(ref, label_weights(2, alpha=0.7).repeat(3, 1))
+    for kw in (dict(temperature=0), dict(temperature=0.9, top_p=0.9, seed=4)):
+        a = generate(ref, idx, 70, kv_cache=cache, real=real, eot=None, frequency_penalty=0.8, **kw)
+        assert fast.generate(quick, idx, 70, kv_cache=cache, real=real, eot=None, frequency_penalty=0.8, **kw) == a
+        assert a != generate(ref, idx, 70, kv_cache=cache, real=real, eot=None, **kw)  # it changed the text
+
+
 # ---- the prefix boost ----
 
 def test_the_boost_multiplies_the_prefixs_attention_weight_as_it_says(offline_model):
@@ -340,4 +366,8 @@ def test_sample_takes_a_schedule_and_names_what_is_wrong(checkpoints, tmp_path):
     p = run("--prefix", checkpoints / "lora.safetensors", "--prefix-boost", 0.1, "--n", 1, check=False)
     assert p.returncode == 2 and "--prefix-boost amplifies attention to a prefix" in p.stderr
     run("--prefix", checkpoints / "lora.safetensors", "--alpha", "0:1,10:0", "--n", 1, "--max-new-tokens", 15)
-    run("--prefix", prefix, "--prefix-boost", 0.2, "--n", 1, "--max-new-tokens", 15)
+    # the boost turns the default guidance off (it would undo the boost over long texts); asked for, it is on
+    header = lambda *a: run("--prefix", prefix, "--n", 1, "--max-new-tokens", 15, *a).stdout.splitlines()[0]
+    assert "guidance" not in header("--prefix-boost", 0.2)
+    assert "guidance 1 from the bare model" in header()
+    assert "guidance 2 from the bare model" in header("--prefix-boost", 0.2, "--guidance", 2)
