@@ -38,7 +38,8 @@ from minprefix.method import latest, load, read_meta
 from minprefix.prefix import DEFAULT_CHECKPOINT, mix_weights
 from minprefix.tone import Tone, parse_schedule
 
-SAMPLING = {"temperature": 0.8, "top_p": 0.9, "top_k": None, "seed": 0, "frequency_penalty": 0.0}  # defaults when sampling, not with beams
+# defaults when sampling, not with beams
+SAMPLING = {"temperature": 0.8, "top_p": 0.9, "top_k": None, "seed": 0, "frequency_penalty": 0.0}
 
 
 def parser():
@@ -88,9 +89,9 @@ def parser():
                    "(DTPA-style; docs/long.md measures it: 2 holds either end over 2,000 tokens, at a cost in "
                    "fluency); prefixes only; guidance is then off unless --guidance is given (default: 0, off)")
     p.add_argument("--frequency-penalty", type=float, help="each use of a token among the last "
-                   f"{REPEAT_WINDOW} written lowers its logit by this much (OpenAI's frequency_penalty, counted over a "
-                   "window; it breaks the loops a small model falls into on long texts, docs/long.md) (default: 0, off; "
-                   "not with --num-beams)")
+                   f"{REPEAT_WINDOW} written lowers its logit by this much (OpenAI's frequency_penalty, counted over "
+                   "a window; it breaks the loops a small model falls into on long texts, docs/long.md) (default: 0, "
+                   "off; not with --num-beams)")
     p.add_argument("--allow-newlines", action="store_true", help="beam search with a source -> text checkpoint: "
                    "do not ban the newline tokens, \"\\n\" and \"\\n\\n\" (GPT-2's 198 and 628; the paper bans them)")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
@@ -254,7 +255,7 @@ def main(argv=None):
     method, meta = load(args.prefix, model)  # now checked against the base model
     weights, recorded, schedule = tone(p, args, meta, method.mixes)
     if args.guidance is None:
-        # not with the boost: over long texts the bare anchor drifts to the model's own tone and undoes it (docs/long.md)
+        # not with the boost: over long texts the bare anchor drifts to its own tone and undoes it (docs/long.md)
         args.guidance = (DEFAULT_STRENGTH if method.mixes and len(meta["labels"]) > 1 and not beams
                          and not args.prefix_boost else 0.0)
     elif args.guidance and not (method.mixes and len(meta["labels"]) > 1):

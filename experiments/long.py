@@ -50,16 +50,20 @@ PROMPTS = NEUTRAL_PROMPTS + MOVIE_PROMPTS
 def conditions(args):
     """-> {name: (alpha schedule, boost, guidance)}, in the order they run."""
     out = {}
+
+    def add(schedule, what, boost, strength=0.0):  # the run's anchor and penalty go with every condition's name
+        out[name(what, boost, strength, args.guide_from, args.frequency_penalty)] = (schedule, boost, strength)
+
     for boost in args.boosts:
         for alpha in args.alphas:
-            out[name(f"alpha {alpha:g}", boost, penalty=args.frequency_penalty)] = (f"{alpha:g}", boost, 0.0)
+            add(f"{alpha:g}", f"alpha {alpha:g}", boost)
     for strength in args.guidance:  # guidance with each boost: the boost holds the experts' rows on their prefix
         for boost in args.boosts:
             for alpha in args.alphas:
-                out[name(f"alpha {alpha:g}", boost, strength, args.guide_from, args.frequency_penalty)] = (f"{alpha:g}", boost, strength)
+                add(f"{alpha:g}", f"alpha {alpha:g}", boost, strength)
     if args.schedule:
         boost, strength = (0.0, args.guidance[-1]) if args.schedule_with == "guidance" else (args.boosts[-1], 0.0)
-        out[name(f"schedule {args.schedule}", boost, strength, args.guide_from, args.frequency_penalty)] = (args.schedule, boost, strength)
+        add(args.schedule, f"schedule {args.schedule}", boost, strength)
     return out
 
 
@@ -69,12 +73,12 @@ def name(what, boost, guidance=0.0, anchor=DEFAULT_ANCHOR, penalty=0.0):
             + (f", frequency penalty {penalty:g}" if penalty else ""))
 
 
-def write(model, method, labels, schedule, boost, guidance, args, tok):
+def write(model, method, labels, cond, schedule, boost, guidance, args, tok):
     """-> the texts' new tokens, one list per sample. guidance: at the logits (minprefix/guidance.py) from
     --guide-from's anchor, each sample decoded as three rows; the boost holds every row that reads the prefix."""
     rows = [[tok.eot] + tok.encode(PROMPTS[i % len(PROMPTS)]) for i in range(args.samples)]
     out = [[] for _ in rows]
-    bar = tqdm(total=args.tokens, desc=f"  {name(schedule, boost, guidance, args.guide_from, args.frequency_penalty)}", unit="tok", leave=False)
+    bar = tqdm(total=args.tokens, desc=f"  {cond}", unit="tok", leave=False)
     for start in range(0, len(rows), args.batch_size):
         batch = rows[start:start + args.batch_size]
         idx, real = pad_left(batch, tok.eot)
@@ -338,11 +342,11 @@ def main():
                 continue
             print(f"{cond}: {args.samples} texts of {args.tokens} tokens", flush=True)
             t0 = time.time()
-            texts = write(model, method, meta["labels"], schedule, boost, guidance, args, tok)
+            texts = write(model, method, meta["labels"], cond, schedule, boost, guidance, args, tok)
             seconds = time.time() - t0
             scores = judge_stretches(texts, judge, tok, args.stretch)
-            entry = {"alpha": schedule, "boost": boost, "guidance": guidance, "anchor": args.guide_from if guidance else None,
-                     "frequency_penalty": args.frequency_penalty,
+            entry = {"alpha": schedule, "boost": boost, "guidance": guidance,
+                     "anchor": args.guide_from if guidance else None, "frequency_penalty": args.frequency_penalty,
                      "samples": args.samples, "seconds": seconds,
                      "scores": scores, "summary": summarise(scores, parse_schedule(schedule, extrapolate=True).at(0)),
                      "perplexity": stretch_perplexity(model, texts, args.stretch, tok.eot),

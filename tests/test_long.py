@@ -151,7 +151,8 @@ def test_the_frequency_penalty_counts_each_use_in_the_window(offline_model, fast
     recent = torch.tensor([[1, 1, 3], [4, 4, 4]])
     assert penalize(torch.zeros(2, 5), recent, 0.5).tolist() == [[0, -1, 0, -0.5, 0], [0, 0, 0, 0, -1.5]]
     # a "model" that always prefers token 1 (10) to token 2 (3): greedy, token 1 is written 8 times (its logit
-    # then 10 - 8 < 3), then token 2, and so on; over 300 tokens each pick is the argmax of the logits less the counts in the last 64 tokens
+    # then 10 - 8 < 3), then token 2, and so on; over 300 tokens each pick is the argmax of the logits less the
+    # counts in the last 64 tokens
     base = torch.tensor([[0.0, 10.0, 3.0, -2.0]])
     got = [int(x) for x in decode(base, lambda x: base, 300, 0, None, None, None, frequency_penalty=1.0)]
     assert got[:9] == [1] * 8 + [2] and len(got) == 300
